@@ -1,0 +1,254 @@
+"""The Qwen2.5-VL vision tower: patch embedding, 2D rotary, window/full attention blocks, merger.
+
+Everything that depends only on the image grids (rotary positions, the window permutation,
+the attention segments) is planned on the host with numpy from ``grid_thw``, which the
+processor produced on the host; the tower itself then runs as whole-array MLX work with no
+host synchronisation and no per-window Python loop.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import VisionArgs
+
+# Attention score elements held at once per call before queries are processed in chunks:
+# a 12-megapixel photo has ~62k patches, whose full-attention scores would need ~250 GB.
+MAX_SCORE_ELEMENTS = 1 << 28
+
+
+@dataclass
+class SegmentLayout:
+    """Contiguous, independent attention segments of a token sequence (windows, images, frames).
+
+    Segments of unequal length are padded to the longest and masked, so that every segment
+    is attended in one batched call.
+    """
+
+    num_segments: int
+    max_len: int
+    gather: Optional[mx.array] = None  # (S, max_len) token index per padded slot
+    key_mask: Optional[mx.array] = None  # (S, 1, 1, max_len), True for real tokens
+    scatter: Optional[mx.array] = None  # positions of the real tokens among S * max_len slots
+
+    @classmethod
+    def from_lengths(cls, lengths) -> "SegmentLayout":
+        lengths = np.asarray(lengths, dtype=np.int64)
+        lengths = lengths[lengths > 0]
+        num_segments, max_len = len(lengths), int(lengths.max())
+        if (lengths == max_len).all():
+            return cls(num_segments, max_len)
+        starts = np.cumsum(lengths) - lengths
+        slots = np.arange(max_len)
+        valid = slots[None, :] < lengths[:, None]
+        gather = np.where(valid, starts[:, None] + slots[None, :], 0)
+        return cls(
+            num_segments,
+            max_len,
+            gather=mx.array(gather.astype(np.int32)),
+            key_mask=mx.array(valid[:, None, None, :]),
+            scatter=mx.array(np.flatnonzero(valid).astype(np.int32)),
+        )
+
+    def to_segments(self, x: mx.array) -> mx.array:
+        """(N, H, D) tokens -> (S, H, max_len, D)."""
+        if self.gather is None:
+            x = x.reshape(self.num_segments, self.max_len, *x.shape[1:])
+        else:
+            x = x[self.gather]
+        return x.transpose(0, 2, 1, 3)
+
+    def from_segments(self, x: mx.array) -> mx.array:
+        """(S, H, max_len, D) -> (N, H * D)."""
+        x = x.transpose(0, 2, 1, 3).reshape(self.num_segments * self.max_len, -1)
+        return x if self.scatter is None else x[self.scatter]
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        q, k, v = (self.to_segments(t) for t in (q, k, v))
+        num_segments, heads, length, _ = q.shape
+        rows = max(1, MAX_SCORE_ELEMENTS // (num_segments * heads * length))
+        chunks = [
+            mx.fast.scaled_dot_product_attention(
+                q[:, :, start : start + rows], k, v, scale=scale, mask=self.key_mask
+            )
+            for start in range(0, length, rows)
+        ]
+        out = chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=2)
+        return self.from_segments(out)
+
+
+@dataclass
+class VisionPlan:
+    """Host-side layout of one vision forward pass."""
+
+    window_index: mx.array  # merged-unit permutation into window order
+    reverse_index: mx.array  # its inverse, applied after the merger
+    positions: mx.array  # (N, 2) rotary (row, col) ids, already in window order
+    windows: SegmentLayout
+    full: SegmentLayout  # one segment per image and per video time slice
+
+
+def rotary_positions(grid_thw: np.ndarray, merge: int) -> np.ndarray:
+    """(row, col) of each patch, in the processor's 2x2-merge-block-major row order."""
+    positions = []
+    for t, h, w in grid_thw:
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        pair = np.stack([rows, cols], axis=-1)
+        pair = pair.reshape(h // merge, merge, w // merge, merge, 2).transpose(0, 2, 1, 3, 4)
+        positions.append(np.tile(pair.reshape(-1, 2), (t, 1)))
+    return np.concatenate(positions)
+
+
+def window_partition(grid_thw: np.ndarray, merge: int, window_units: int):
+    """Merged-unit permutation into window order and the window lengths in patches.
+
+    As the reference pads each frame's merged grid up to whole windows (a full empty window
+    row/column when it already divides) and drops the empty windows.
+    """
+    index, lengths, offset = [], [], 0
+    for t, h, w in grid_thw:
+        gh, gw = h // merge, w // merge
+        units = np.arange(t * gh * gw).reshape(t, gh, gw)
+        pad_h, pad_w = window_units - gh % window_units, window_units - gw % window_units
+        units = np.pad(units, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-1)
+        nh, nw = units.shape[1] // window_units, units.shape[2] // window_units
+        units = units.reshape(t, nh, window_units, nw, window_units).transpose(0, 1, 3, 2, 4)
+        units = units.reshape(-1, window_units * window_units)
+        valid = units >= 0
+        index.append(units[valid] + offset)
+        lengths.append(valid.sum(axis=1) * merge * merge)
+        offset += t * gh * gw
+    return np.concatenate(index), np.concatenate(lengths)
+
+
+def plan_vision(grid_thw, args: VisionArgs) -> VisionPlan:
+    grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+    merge = args.spatial_merge_size
+    unit = merge * merge
+    window_index, window_lengths = window_partition(
+        grid_thw, merge, args.window_size // merge // args.patch_size
+    )
+    positions = rotary_positions(grid_thw, merge)
+    positions = positions.reshape(-1, unit, 2)[window_index].reshape(-1, 2)
+    frame_lengths = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    return VisionPlan(
+        window_index=mx.array(window_index.astype(np.int32)),
+        reverse_index=mx.array(np.argsort(window_index).astype(np.int32)),
+        positions=mx.array(positions.astype(np.float32)),
+        windows=SegmentLayout.from_lengths(window_lengths),
+        full=SegmentLayout.from_lengths(frame_lengths),
+    )
+
+
+def rotate_half(x: mx.array) -> mx.array:
+    half = x.shape[-1] // 2
+    return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    # The reference rotates in float32 whatever the activation dtype.
+    x32 = x.astype(mx.float32)
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, args: VisionArgs):
+        super().__init__()
+        kernel = (args.temporal_patch_size, args.patch_size, args.patch_size)
+        self.proj = nn.Conv3d(
+            args.in_channels, args.hidden_size, kernel_size=kernel, stride=kernel, bias=False
+        )
+
+    def __call__(self, pixel_values: mx.array) -> mx.array:
+        # Each row is one (C, T, P, P) patch and the kernel covers it exactly, so the
+        # convolution is a matrix product with the channels-last weight reordered to match.
+        weight = self.proj.weight
+        weight = weight.transpose(0, 4, 1, 2, 3).reshape(weight.shape[0], -1)
+        return pixel_values.astype(weight.dtype) @ weight.T
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def __call__(self, x, cos, sin, layout: SegmentLayout) -> mx.array:
+        qkv = self.qkv(x).reshape(x.shape[0], 3, self.num_heads, -1)
+        q = apply_rotary(qkv[:, 0], cos, sin)
+        k = apply_rotary(qkv[:, 1], cos, sin)
+        return self.proj(layout.attend(q, k, qkv[:, 2], self.scale))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=True)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=True)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, args: VisionArgs):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(args.hidden_size, eps=1e-6)
+        self.norm2 = nn.RMSNorm(args.hidden_size, eps=1e-6)
+        self.attn = VisionAttention(args.hidden_size, args.num_heads)
+        self.mlp = VisionMLP(args.hidden_size, args.intermediate_size)
+
+    def __call__(self, x, cos, sin, layout: SegmentLayout) -> mx.array:
+        x = x + self.attn(self.norm1(x), cos, sin, layout)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, args: VisionArgs):
+        super().__init__()
+        merged = args.hidden_size * args.spatial_merge_size**2
+        # The norm acts per patch, before four neighbouring patches are concatenated.
+        self.ln_q = nn.RMSNorm(args.hidden_size, eps=1e-6)
+        self.mlp = [nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, args.out_hidden_size)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.ln_q(x)
+        x = x.reshape(-1, self.mlp[0].weight.shape[1])
+        for layer in self.mlp:
+            x = layer(x)
+        return x
+
+
+class VisionModel(nn.Module):
+    def __init__(self, args: VisionArgs):
+        super().__init__()
+        self.args = args
+        self.patch_embed = PatchEmbed(args)
+        self.blocks = [VisionBlock(args) for _ in range(args.depth)]
+        self.merger = PatchMerger(args)
+        head_dim = args.head_dim
+        self._inv_freq = 1.0 / (
+            10000.0 ** (mx.arange(0, head_dim // 2, 2, dtype=mx.float32) / (head_dim // 2))
+        )
+
+    def __call__(self, pixel_values: mx.array, grid_thw) -> mx.array:
+        """Merged features, one row per LLM placeholder token, items in order, raster order."""
+        plan = plan_vision(grid_thw, self.args)
+        unit = self.args.spatial_merge_size**2
+        x = self.patch_embed(pixel_values)
+        x = x.reshape(-1, unit, x.shape[-1])[plan.window_index].reshape(-1, x.shape[-1])
+
+        angles = (plan.positions[..., None] * self._inv_freq).reshape(x.shape[0], -1)
+        angles = mx.concatenate([angles, angles], axis=-1)[:, None, :]
+        cos, sin = mx.cos(angles), mx.sin(angles)
+
+        full_blocks = set(self.args.fullatt_block_indexes)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, plan.full if i in full_blocks else plan.windows)
+        return self.merger(x)[plan.reverse_index]

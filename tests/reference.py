@@ -1,0 +1,122 @@
+"""The reference path for parity tests: transformers' Qwen2.5-VL, created with random weights.
+
+``MLX_QWENVL_REF_DEVICE`` picks the torch device (default: cuda when torch sees a GPU, else
+cpu), so the same suite is the CUDA reference path on an NVIDIA machine.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+VOCAB = 151936  # the 3B embedding width: covers every real token id
+
+
+def reference_device() -> str:
+    return os.environ.get("MLX_QWENVL_REF_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def tiny_config(**overrides) -> dict:
+    """A small Qwen2.5-VL in the hub's flat config layout (text keys at the root)."""
+    config = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": VOCAB,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 128000,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "tie_word_embeddings": False,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_token_id": 151654,
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "max_window_layers": 2,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "vision_config": {
+            "depth": 4,
+            "hidden_act": "silu",
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_heads": 4,
+            "in_chans": 3,
+            "out_hidden_size": 64,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "window_size": 112,
+            "fullatt_block_indexes": [1, 3],
+            "tokens_per_second": 2,
+            "temporal_patch_size": 2,
+        },
+    }
+    vision = overrides.pop("vision_config", {})
+    config.update(overrides)
+    config["vision_config"].update(vision)
+    return config
+
+
+def real_width_config(size: str, text_layers=2, vision_depth=2) -> dict:
+    """The exact 3B or 7B widths and head counts, with few layers."""
+    widths = {
+        "3B": dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16,
+                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+        "7B": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                   num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    }[size]
+    return tiny_config(
+        num_hidden_layers=text_layers,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+        **widths,
+        vision_config=dict(depth=vision_depth, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           out_hidden_size=widths["hidden_size"], fullatt_block_indexes=[1]),
+    )
+
+
+def make_reference(config: dict, seed: int = 0, dtype=torch.float32):
+    """A random-weight reference model; weights get a wider spread than the init so that
+    errors in the port are not hidden by near-zero activations."""
+    torch.manual_seed(seed)
+    hf_config = Qwen2_5_VLConfig(**config)
+    model = Qwen2_5_VLForConditionalGeneration(hf_config).to(dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 0.05 if param.dim() > 1 else 0.02)
+    return model.to(dtype=dtype, device=reference_device())
+
+
+def save_reference(model, path: Path, config: dict = None) -> Path:
+    """Save in the hub layout; optionally overwrite config.json with a given layout."""
+    model.save_pretrained(path, safe_serialization=True)
+    if config is not None:
+        (Path(path) / "config.json").write_text(json.dumps(config, indent=2))
+    return Path(path)
+
+
+def rel_error(ours, ref) -> float:
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def to_torch(array, dtype=None):
+    tensor = torch.from_numpy(np.ascontiguousarray(np.asarray(array)))
+    tensor = tensor.to(reference_device())
+    return tensor if dtype is None else tensor.to(dtype)
