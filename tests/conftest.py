@@ -1,0 +1,22 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests import the reference helpers as a plain module.
+sys.path.insert(0, str(Path(__file__).parent))
+
+import mlx_qwenvl  # noqa: E402,F401  (binds the BLAS before any test imports mlx.core)
+
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "qwen2_tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory):
+    """A random tiny transformers Qwen2.5-VL (float32) and its folder in the hub layout."""
+    from reference import make_reference, save_reference, tiny_config
+
+    config = tiny_config()
+    model = make_reference(config)
+    path = save_reference(model, tmp_path_factory.mktemp("tiny"), config)
+    return model, path, config
