@@ -70,14 +70,23 @@ def tiny_config(**overrides) -> dict:
     return config
 
 
-def real_width_config(size: str, text_layers=2, vision_depth=2) -> dict:
-    """The exact 3B or 7B widths and head counts, with few layers."""
+def real_width_config(size: str, text_layers=2, vision_depth=2, vocab_size=None) -> dict:
+    """The exact 3B or 7B widths and head counts, with few layers.
+
+    ``vocab_size`` shrinks the embedding for light tests; the special ids then move below it.
+    """
     widths = {
         "3B": dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16,
                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
         "7B": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
                    num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
     }[size]
+    if vocab_size is not None:
+        widths["vocab_size"] = vocab_size
+        widths.update(image_token_id=vocab_size - 10, video_token_id=vocab_size - 9,
+                      vision_start_token_id=vocab_size - 8, vision_end_token_id=vocab_size - 7,
+                      vision_token_id=vocab_size - 6, bos_token_id=vocab_size - 5,
+                      eos_token_id=vocab_size - 4)
     return tiny_config(
         num_hidden_layers=text_layers,
         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
