@@ -162,3 +162,41 @@ def load_model(path, dtype: Optional[mx.Dtype] = "auto") -> Model:
     ModelArgs.from_dict(config)  # fail on a wrong model type before reading any weights
     weights = load_weights(path)
     return build_model(config, weights, default_dtype() if dtype == "auto" else dtype)
+
+
+# What a model folder needs: weights, configs, tokenizer and templates (no PyTorch .bin files).
+MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+def resolve_model_path(path_or_repo, revision: Optional[str] = None) -> Path:
+    """A local folder as is; a hub repo id downloaded (only the files needed) or taken
+    from the local cache when offline."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        return path
+    repo_id = str(path_or_repo)
+    if repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
+        raise ModelLoadError(f"model folder {path_or_repo} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILE_PATTERNS))
+    except Exception as download_error:  # offline, unknown repo, gated: try the cache
+        try:
+            return Path(snapshot_download(repo_id, revision=revision,
+                                          allow_patterns=MODEL_FILE_PATTERNS, local_files_only=True))
+        except Exception:
+            reason = str(download_error).strip().splitlines()[0] if str(download_error).strip() else type(download_error).__name__
+            raise ModelLoadError(
+                f"{repo_id} is neither a local folder nor in the hub cache, and downloading it "
+                f"failed: {reason}"
+            ) from None
+
+
+def load(path_or_repo, dtype="auto", revision: Optional[str] = None):
+    """``(model, processor)`` from a local folder or a hub repo id, as ``mlx_lm.load``."""
+    from .processor import Processor
+
+    path = resolve_model_path(path_or_repo, revision)
+    model = load_model(path, dtype)
+    return model, Processor.from_pretrained(path)

@@ -35,20 +35,40 @@ class Model(nn.Module):
 
     @property
     def rope_delta(self) -> int:
+        """Position id minus cache length for the next token; restore it to switch caches."""
         return self._rope_delta
+
+    @rope_delta.setter
+    def rope_delta(self, value: int) -> None:
+        self._rope_delta = int(value)
 
     def __call__(
         self,
         input_ids,
         cache: Optional[list] = None,
         input_embeddings: Optional[mx.array] = None,
-        *,
-        pixel_values=None,
-        image_grid_thw=None,
-        pixel_values_videos=None,
-        video_grid_thw=None,
-        second_per_grid_ts=None,
+        **vision_inputs,
     ) -> mx.array:
+        """Logits for ``input_ids``; vision inputs are ``pixel_values``, ``image_grid_thw``,
+        ``pixel_values_videos``, ``video_grid_thw`` and ``second_per_grid_ts``."""
+        embeddings, position_ids, start = self._prepare(input_ids, cache, input_embeddings, **vision_inputs)
+        return self.language_model(embeddings, cache, position_ids=position_ids, position_offset=start)
+
+    def prefill(self, input_ids, cache: list, chunk_size: int = 2048, **vision_inputs) -> None:
+        """Fill ``cache`` with a prompt in chunks, so that attention over a long prompt (a large
+        photo is up to 16k tokens) never holds all L x L scores at once."""
+        embeddings, position_ids, start = self._prepare(input_ids, cache, None, **vision_inputs)
+        for i in range(0, embeddings.shape[1], chunk_size):
+            chunk_positions = None if position_ids is None else position_ids[..., i : i + chunk_size]
+            self.language_model.model(
+                embeddings[:, i : i + chunk_size], cache, chunk_positions, start + i
+            )
+            mx.eval([c.state for c in cache])
+
+    def _prepare(self, input_ids, cache, input_embeddings=None, *, pixel_values=None,
+                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                 second_per_grid_ts=None):
+        """Embeddings, M-RoPE position ids (None for text only) and the text start position."""
         offset = cache[0].offset if cache and cache[0] is not None else 0
         if offset == 0:
             self._rope_delta = 0
@@ -58,7 +78,7 @@ class Model(nn.Module):
                 input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
             )
         if image_grid_thw is None and video_grid_thw is None:
-            return self.language_model(input_embeddings, cache, position_offset=start)
+            return input_embeddings, None, start
 
         ids = np.asarray(input_ids)
         if ids.ndim == 2 and ids.shape[0] != 1:
@@ -67,7 +87,7 @@ class Model(nn.Module):
             ids, image_grid_thw, video_grid_thw, second_per_grid_ts, start
         )
         self._rope_delta = next_position - (offset + ids.size)
-        return self.language_model(input_embeddings, cache, position_ids=mx.array(position_ids)[:, None])
+        return input_embeddings, mx.array(position_ids)[:, None], start
 
     def position_ids(self, input_ids, image_grid_thw=None, video_grid_thw=None,
                      second_per_grid_ts=None, start: int = 0):

@@ -1,0 +1,87 @@
+"""Multi-turn conversations that keep the KV cache: each turn prefills only its new tokens,
+so images of earlier turns are never processed or encoded again."""
+
+from typing import Iterator, List, Optional, Sequence
+
+from .generate import GenerationResponse, collect, make_cache, stream_tokens
+
+# Stands in for the last answer while rendering, to cut the template's text after it.
+_ANSWER = "\x00answer\x00"
+
+
+class ChatSession:
+    def __init__(self, model, processor, system: Optional[str] = None,
+                 max_kv_size: Optional[int] = None, min_pixels: Optional[int] = None,
+                 max_pixels: Optional[int] = None):
+        self.model = model
+        self.processor = processor
+        self.system = system
+        self.max_kv_size = max_kv_size
+        self.pixel_budget = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache = make_cache(self.model, self.max_kv_size)
+        self.tokens: List[int] = []  # exactly the ids held in the cache
+        self.rope_delta = 0
+        self.last_prefill_tokens = 0
+
+    def stream(self, text: str, images: Sequence = (), videos: Sequence = (),
+               **generation_kwargs) -> Iterator[GenerationResponse]:
+        """Ask ``text`` about new ``images``/``videos`` and stream the answer.
+
+        Stopping early (closing the iterator, Ctrl-C) keeps the session consistent: the
+        partial answer stays in the conversation.
+        """
+        content = [{"type": "image", "image": image} for image in images]
+        content += [{"type": "video", "video": video} for video in videos]
+        content.append({"type": "text", "text": text})
+        user = {"role": "user", "content": content}
+        inputs = self.processor.encode(
+            self._new_text(user), images=list(images), videos=list(videos), **self.pixel_budget
+        )
+        new_ids = [int(i) for i in inputs["input_ids"].reshape(-1)]
+        self.last_prefill_tokens = len(new_ids)
+        self.model.rope_delta = self.rope_delta
+        answer_ids, answer = [], ""
+        try:
+            for response in stream_tokens(self.model, self.processor, inputs, self.cache,
+                                          **generation_kwargs):
+                answer_ids.append(response.token)
+                answer += response.text
+                yield response
+        finally:
+            self._commit(user, new_ids, answer_ids, answer)
+
+    def send(self, text: str, images: Sequence = (), videos: Sequence = (), **generation_kwargs):
+        """The whole answer as a ``GenerationResult``."""
+        return collect(self.stream(text, images, videos, **generation_kwargs))
+
+    def _new_text(self, user: dict) -> str:
+        """The template text that the cache does not hold yet."""
+        if not self.tokens:
+            return self.processor.apply_chat_template(self.messages + [user])
+        history = self.messages[:-1] + [{"role": "assistant", "content": _ANSWER}]
+        rendered = self.processor.apply_chat_template(history + [user])
+        tail = rendered[rendered.rindex(_ANSWER) + len(_ANSWER):]
+        # The cache already holds <|im_end|> when the model ended its answer with it.
+        end = "<|im_end|>"
+        last = self.processor.tokenizer.convert_ids_to_tokens(self.tokens[-1])
+        return tail[len(end):] if last == end and tail.startswith(end) else tail
+
+    def _commit(self, user, new_ids, answer_ids, answer) -> None:
+        held = min(layer_cache.offset for layer_cache in self.cache)
+        prompt_end = len(self.tokens) + len(new_ids)
+        complete = held >= prompt_end  # an interruption during prefill undoes the turn
+        keep = min(held, prompt_end + len(answer_ids)) if complete else len(self.tokens)
+        # An interruption can also stop between layers: make every layer hold the same tokens.
+        for layer_cache in self.cache:
+            if layer_cache.offset > keep:
+                layer_cache.trim(layer_cache.offset - keep)
+        if not complete:
+            return
+        self.tokens = (self.tokens + new_ids + answer_ids)[:keep]
+        self.rope_delta = self.model.rope_delta
+        self.messages += [user, {"role": "assistant", "content": answer}]
