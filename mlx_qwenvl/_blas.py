@@ -71,8 +71,11 @@ def bind_optimized_blas():
             )
             _info = "reference BLAS (unoptimized; mlx was imported before mlx_qwenvl)"
         else:
-            _lib = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
-            _info = f"{_describe(_lib)} ({path})"
+            try:
+                _lib = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+                _info = f"{_describe(_lib)} ({path})"
+            except OSError as e:  # e.g. its libgfortran is missing: stay slow, not broken
+                _info = f"reference BLAS (unoptimized; loading {path} failed: {e})"
     return _info
 
 
