@@ -40,6 +40,10 @@ RESCALE_FACTOR = 1 / 255
 URL_TIMEOUT_S = 30
 MAX_DOWNLOAD_BYTES = 512 * 1024 * 1024
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# Leading bytes of the formats a bare base64 string is accepted in (PNG, JPEG, GIF, WebP, BMP, TIFF, ICO,
+# JPEG 2000; AVIF/HEIF are recognized by 'ftyp' at offset 4)
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x01\x00",
+                b"\x00\x00\x00\x0cjP", b"\xff\x4f\xff\x51")
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/_\-\s]+={0,2}\s*$")
 
 
@@ -206,9 +210,12 @@ def _read_source(source, name: str):
     if os.path.exists(source) or not _looks_like_base64(source):
         return _read_file(Path(source), name)
     try:
-        return _b64decode(source)
+        data = _b64decode(source)
     except (binascii.Error, ValueError) as exc:
         raise InputError(f"image {name}: neither an existing file nor valid base64 data") from exc
+    if not (data.startswith(_IMAGE_MAGIC) or data[4:8] == b"ftyp"):
+        raise InputError(f"image {name}: neither an existing file nor base64 image data")
+    return data
 
 
 def file_url_to_path(url: str) -> Path:
@@ -234,7 +241,8 @@ def fetch_url(url: str, name: str, what: str = "image") -> bytes:
     """Download a URL (timeout, size cap); InputError on any network or HTTP failure."""
     request = urllib.request.Request(url, headers={"User-Agent": "mlx-qwenvl"})
     try:
-        with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
+        # a fresh opener reads the proxy settings of the environment at each call
+        with urllib.request.build_opener().open(request, timeout=URL_TIMEOUT_S) as response:
             data = response.read(MAX_DOWNLOAD_BYTES + 1)
     except urllib.error.HTTPError as exc:
         raise InputError(f"{what} {name}: HTTP error {exc.code} ({exc.reason})") from exc

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ASSETS = Path(__file__).parent / "assets" / "qwen2_tokenizer"
@@ -201,3 +203,48 @@ def write_frame_folder(path: Path, frames, prefix: str = "frame_") -> Path:
     for i, frame in enumerate(frames, start=1):
         Image.fromarray(frame).save(path / f"{prefix}{i}.png")
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Network
+
+
+@pytest.fixture
+def local_network(monkeypatch):
+    """Requests to 127.0.0.1 bypass any proxy configured in the environment."""
+    for key in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(key, "127.0.0.1,localhost")
+
+
+def closed_port_url(path: str) -> str:
+    """An http URL on 127.0.0.1 at a port nothing listens on (connection refused at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{path}"
+
+
+@pytest.fixture
+def http_folder(tmp_path, local_network):
+    """(folder, base URL): a local HTTP server serving a temporary folder."""
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from processor_fixtures import random_image, ref_smart_resize
+from processor_fixtures import closed_port_url, http_folder, local_network, random_image, ref_smart_resize  # noqa: F401
 
 from mlx_qwenvl.errors import InputError
 from mlx_qwenvl.image_processing import (
@@ -155,30 +155,12 @@ def test_every_source_kind_gives_the_same_pixels(tmp_path):
         np.testing.assert_array_equal(np.asarray(loaded), expected)
 
 
-def test_http_url_is_downloaded(tmp_path):
-    import http.server
-    import threading
-
-    (tmp_path / "x.png").write_bytes(_png_bytes(random_image(30, 31)))
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(tmp_path), **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        np.testing.assert_array_equal(np.asarray(load_image(f"{url}/x.png")), np.asarray(random_image(30, 31)))
-        with pytest.raises(InputError, match=r"missing\.png.*HTTP error 404"):
-            load_image(f"{url}/missing.png")
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_http_url_is_downloaded(http_folder):
+    folder, url = http_folder
+    (folder / "x.png").write_bytes(_png_bytes(random_image(30, 31)))
+    np.testing.assert_array_equal(np.asarray(load_image(f"{url}/x.png")), np.asarray(random_image(30, 31)))
+    with pytest.raises(InputError, match=r"missing\.png.*HTTP error 404"):
+        load_image(f"{url}/missing.png")
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +250,7 @@ def _bomb_png(width=30000, height=30000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
-def test_bad_image_inputs(tmp_path):
+def test_bad_image_inputs(tmp_path, local_network):
     missing = tmp_path / "nope.png"
     text = tmp_path / "notes.png"
     text.write_text("this is not an image")
@@ -285,7 +267,9 @@ def test_bad_image_inputs(tmp_path):
         (b"", r"bytes \(0 bytes\).*empty"),
         (truncated, r"truncated\.png.*(corrupt|truncated)"),
         (bomb, r"bomb\.png.*decompression bomb"),
-        ("http://127.0.0.1:9/x.png", r"127\.0\.0\.1:9/x\.png.*unreachable"),
+        (closed_port_url("x.png"), r"127\.0\.0\.1:\d+/x\.png.*unreachable"),
+        ("A" * 64, r"neither an existing file nor base64 image data"),
+        ("photos/holiday/2024/IMG_0001.jpg", r"IMG_0001\.jpg.*file not found"),
         (tmp_path, r"is a directory"),
         ("data:image/png;base64,!!!!", r"data URI.*invalid base64"),
         (np.zeros((5, 5, 7), np.uint8), r"array \(shape \(5, 5, 7\).*1-4 channels"),
