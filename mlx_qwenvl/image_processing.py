@@ -39,6 +39,7 @@ RESCALE_FACTOR = 1 / 255
 
 URL_TIMEOUT_S = 30
 MAX_DOWNLOAD_BYTES = 512 * 1024 * 1024
+_EXIF_ORIENTATION = 0x0112
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # Leading bytes of the formats a bare base64 string is accepted in (PNG, JPEG, GIF, WebP, BMP, TIFF, ICO,
 # JPEG 2000; AVIF/HEIF are recognized by 'ftyp' at offset 4)
@@ -153,7 +154,7 @@ def load_image(source, *, apply_exif: bool = True) -> Image.Image:
     else:
         image = _open(source, name)
     try:
-        if apply_exif:
+        if apply_exif and image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
             image = ImageOps.exif_transpose(image)
         return to_rgb(image, name)
     except InputError:
@@ -364,13 +365,19 @@ def normalize(
     return np.moveaxis(x, -1, -3)
 
 
+def normalize_table(mean=CLIP_MEAN, std=CLIP_STD, rescale_factor: float = RESCALE_FACTOR) -> np.ndarray:
+    """(3, 256) float32: ``normalize`` of every uint8 value per channel, bit for bit the same arithmetic."""
+    x = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
+    return (x[None, :] - np.asarray(mean, dtype=np.float32)[:, None]) / np.asarray(std, dtype=np.float32)[:, None]
+
+
 def patchify(
     frames: np.ndarray,
     patch_size: int = PATCH_SIZE,
     merge_size: int = MERGE_SIZE,
     temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """(T, C, H, W) float32 to rows (gt*gh*gw, C*tp*p*p) in merge-block order, and (gt, gh, gw).
+    """(T, C, H, W) to rows (gt*gh*gw, C*tp*p*p) in merge-block order (same dtype), and (gt, gh, gw).
 
     T is padded to a multiple of ``temporal_patch_size`` by repeating the last frame (an image,
     T=1, is duplicated). Rows run t, block row, block col, row in block, col in block; each row is
@@ -385,7 +392,30 @@ def patchify(
     )
     x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
     rows = x.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size)
-    return np.ascontiguousarray(rows, dtype=np.float32), (gt, gh, gw)
+    return np.ascontiguousarray(rows), (gt, gh, gw)
+
+
+def pixels_to_rows(
+    frames: np.ndarray,
+    table: np.ndarray | None = None,
+    patch_size: int = PATCH_SIZE,
+    merge_size: int = MERGE_SIZE,
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """uint8 frames (T, H, W, 3) to normalized float32 patch rows and (gt, gh, gw).
+
+    Patchifies the bytes first, then maps them through ``normalize_table`` (exactly ``normalize``,
+    a quarter of the memory traffic).
+    """
+    table = normalize_table() if table is None else table
+    rows, grid = patchify(np.asarray(frames, dtype=np.uint8).transpose(0, 3, 1, 2), patch_size, merge_size,
+                          temporal_patch_size)
+    out = np.empty(rows.shape, dtype=np.float32)
+    per_channel = rows.shape[1] // table.shape[0]
+    for channel in range(table.shape[0]):
+        columns = slice(channel * per_channel, (channel + 1) * per_channel)
+        out[:, columns] = np.take(table[channel], rows[:, columns])
+    return out, grid
 
 
 def target_size(
@@ -413,6 +443,7 @@ def process_images(
     sizes=None,
     mean=CLIP_MEAN,
     std=CLIP_STD,
+    rescale_factor: float = RESCALE_FACTOR,
     patch_size: int = PATCH_SIZE,
     merge_size: int = MERGE_SIZE,
     temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
@@ -424,14 +455,16 @@ def process_images(
     ``smart_resize`` with ``min_pixels``/``max_pixels`` picks it.
     """
     factor = patch_size * merge_size
+    table = normalize_table(mean, std, rescale_factor)
     all_rows, grids = [], []
     for i, image in enumerate(images):
         image = to_rgb(image, f"#{i}") if isinstance(image, Image.Image) else load_image(image)
         h, w = sizes[i] if sizes is not None else smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
         pixels = np.asarray(resize_image(image, h, w, resample), dtype=np.uint8)
-        rows, grid = patchify(normalize(pixels, mean, std)[None], patch_size, merge_size, temporal_patch_size)
+        rows, grid = pixels_to_rows(pixels[None], table, patch_size, merge_size, temporal_patch_size)
         all_rows.append(rows)
         grids.append([1, grid[1], grid[2]])
     if not all_rows:
         return np.zeros((0, 3 * temporal_patch_size * patch_size**2), np.float32), np.zeros((0, 3), np.int64)
-    return np.concatenate(all_rows, axis=0), np.asarray(grids, dtype=np.int64)
+    pixel_values = all_rows[0] if len(all_rows) == 1 else np.concatenate(all_rows, axis=0)
+    return pixel_values, np.asarray(grids, dtype=np.int64)

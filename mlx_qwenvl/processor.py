@@ -362,7 +362,8 @@ class Processor:
             images.append(image)
         c = self.config
         pixel_values, grid = process_images(
-            images, sizes=sizes, mean=c.image_mean, std=c.image_std, patch_size=c.patch_size,
+            images, sizes=sizes, mean=c.image_mean, std=c.image_std, rescale_factor=c.rescale_factor,
+            patch_size=c.patch_size,
             merge_size=c.merge_size, temporal_patch_size=c.temporal_patch_size, resample=c.resample,
         )
         return {"pixel_values": pixel_values, "image_grid_thw": grid}

@@ -38,8 +38,8 @@ from .image_processing import (
     fetch_url,
     file_url_to_path,
     load_image,
-    normalize,
-    patchify,
+    normalize_table,
+    pixels_to_rows,
     resize_image,
     smart_resize,
     target_size,
@@ -455,14 +455,13 @@ def process_videos(
     Rows run time slice, then merge blocks; each row holds frames 2k and 2k+1 as (C, 2, 14, 14).
     An odd frame count is padded with the last frame.
     """
+    table = normalize_table(mean, std, rescale_factor)
     all_rows, grids = [], []
     for frames in videos:
-        rows, grid = patchify(
-            normalize(np.asarray(frames, dtype=np.uint8), mean, std, rescale_factor),
-            patch_size, merge_size, temporal_patch_size,
-        )
+        rows, grid = pixels_to_rows(frames, table, patch_size, merge_size, temporal_patch_size)
         all_rows.append(rows)
         grids.append(list(grid))
     if not all_rows:
         return np.zeros((0, 3 * temporal_patch_size * patch_size**2), np.float32), np.zeros((0, 3), np.int64)
-    return np.concatenate(all_rows, axis=0), np.asarray(grids, dtype=np.int64)
+    pixel_values = all_rows[0] if len(all_rows) == 1 else np.concatenate(all_rows, axis=0)
+    return pixel_values, np.asarray(grids, dtype=np.int64)
