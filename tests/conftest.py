@@ -20,3 +20,16 @@ def tiny_reference(tmp_path_factory):
     model = make_reference(config)
     path = save_reference(model, tmp_path_factory.mktemp("tiny"), config)
     return model, path, config
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_reference, tmp_path_factory):
+    """The tiny random model as a complete model folder: weights, config, real tokenizer,
+    chat template and the hub's preprocessor config."""
+    import shutil
+
+    from processor_fixtures import make_model_dir
+
+    path = tmp_path_factory.mktemp("tiny_model") / "model"
+    shutil.copytree(tiny_reference[1], path)
+    return make_model_dir(path)
