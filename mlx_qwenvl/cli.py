@@ -7,6 +7,8 @@ import click
 
 from .errors import QwenVLError
 
+DTYPES = {"auto": "auto", "checkpoint": None, "float32": "float32", "bfloat16": "bfloat16",
+          "float16": "float16"}
 LARGE_IMAGE_TOKENS = 4096  # a notice is printed above this many tokens for one image
 
 
@@ -53,6 +55,8 @@ def model_options(command):
         click.option("--max-kv-size", type=int, default=None, help="Rotating KV cache size."),
         click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to these bits."),
         click.option("--kv-group-size", type=int, default=64, show_default=True),
+        click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="auto", show_default=True,
+                     help="Compute dtype: auto is float32 on a Linux CPU, else the checkpoint's."),
         click.option("--verbose", is_flag=True, help="Print statistics to stderr."),
     ]):
         command = option(command)
@@ -65,13 +69,16 @@ def sampling_kwargs(options: dict) -> dict:
     return {key: options[key] for key in keys}
 
 
-def load_for_cli(model_path: str, verbose: bool):
+def load_for_cli(model_path: str, verbose: bool, dtype: str):
+    import mlx.core as mx
+
     from . import _blas
     from .loading import load
 
     if verbose:
         click.echo(f"[blas] {_blas.blas_info()}", err=True)
-    return load(model_path)
+    dtype = DTYPES[dtype]
+    return load(model_path, dtype=getattr(mx, dtype) if dtype not in (None, "auto") else dtype)
 
 
 def image_notices(processor, images, min_pixels, max_pixels) -> None:
@@ -107,11 +114,11 @@ def main():
 @click.option("--system", default=None, help="System prompt.")
 @friendly_errors
 def generate(model_path, images, videos, prompt, system, verbose, max_kv_size, min_pixels,
-             max_pixels, **options):
+             max_pixels, dtype, **options):
     """Answer one prompt, streaming the answer to stdout."""
     from .generate import stream_generate
 
-    model, processor = load_for_cli(model_path, verbose)
+    model, processor = load_for_cli(model_path, verbose, dtype)
     image_notices(processor, images, min_pixels, max_pixels)
     content = [{"type": "image", "image": image} for image in images]
     content += [{"type": "video", "video": video} for video in videos]
@@ -136,7 +143,7 @@ CHAT_HELP = "Commands: /image PATH, /video PATH, /clear, /exit (Ctrl-D). Ctrl-C 
 @click.option("--image", "images", multiple=True, help="Image(s) for the first question.")
 @click.option("--system", default=None, help="System prompt.")
 @friendly_errors
-def chat(model_path, images, system, verbose, max_kv_size, min_pixels, max_pixels, **options):
+def chat(model_path, images, system, verbose, max_kv_size, min_pixels, max_pixels, dtype, **options):
     """An interactive chat that remembers images across turns."""
     from .chat import ChatSession
 
@@ -144,7 +151,7 @@ def chat(model_path, images, system, verbose, max_kv_size, min_pixels, max_pixel
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    model, processor = load_for_cli(model_path, verbose)
+    model, processor = load_for_cli(model_path, verbose, dtype)
     session = ChatSession(model, processor, system=system, max_kv_size=max_kv_size,
                           min_pixels=min_pixels, max_pixels=max_pixels)
     pending = {"images": list(images), "videos": []}
@@ -197,7 +204,7 @@ def run_chat_command(line, session, pending, processor, min_pixels, max_pixels) 
 
 
 def answer_turn(session, text, pending, options) -> None:
-    response = None
+    response, turns = None, len(session.messages)
     stream = session.stream(text, pending["images"], pending["videos"], **sampling_kwargs(options))
     try:
         for response in stream:
@@ -211,7 +218,8 @@ def answer_turn(session, text, pending, options) -> None:
         return
     finally:
         stream.close()  # the session keeps what was answered so far
-    pending["images"].clear()
-    pending["videos"].clear()
+    if len(session.messages) > turns:  # the images went into the conversation
+        pending["images"].clear()
+        pending["videos"].clear()
     if response is not None:
         click.echo(f"[{stats_line(response)}]", err=True)

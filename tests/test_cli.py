@@ -1,0 +1,149 @@
+"""The installed ``mlx-qwenvl`` command, run as a user would: real subprocesses and a pseudo-terminal."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pexpect
+import pytest
+from PIL import Image
+
+from mlx_qwenvl.generate import generate
+from mlx_qwenvl.loading import load
+
+COMMAND = str(Path(sys.executable).parent / "mlx-qwenvl")
+
+
+def run(*args, timeout=120):
+    return subprocess.run([COMMAND, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, pattern):
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (100, 150, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_generate_streams_the_same_answer_as_the_api(tiny_model_dir, photo):
+    result = run("generate", "--model", str(tiny_model_dir), "--image", str(photo),
+                 "--prompt", "What is this?", "--max-tokens", "12", "--temp", "0", "--verbose")
+    assert result.returncode == 0, result.stderr
+    model, processor = load(tiny_model_dir)
+    expected = generate(model, processor, "What is this?", images=[str(photo)], max_tokens=12,
+                        temperature=0.0)
+    assert result.stdout == expected.text + "\n"
+    assert "[blas] OpenBLAS" in result.stderr
+    assert f"prompt: {expected.prompt_tokens} tokens" in result.stderr
+    assert f"generation: {expected.generation_tokens} tokens" in result.stderr
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "mlx_qwenvl", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert all(command in result.stdout for command in ("generate", "chat"))
+
+
+def test_unknown_model_folder(tmp_path):
+    assert_one_line_error(run("generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"),
+                          r"model folder .*missing does not exist")
+
+
+def test_folder_of_another_model_type(tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "llama")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
+    assert_one_line_error(run("generate", "--model", str(folder), "--prompt", "hi"),
+                          r"model_type 'llama', not 'qwen2_5_vl'")
+
+
+def test_missing_image(tiny_model_dir, tmp_path):
+    result = run("generate", "--model", str(tiny_model_dir), "--image", str(tmp_path / "nope.jpg"),
+                 "--prompt", "hi")
+    assert_one_line_error(result, r"nope\.jpg")
+
+
+def test_corrupt_image(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    assert_one_line_error(run("generate", "--model", str(tiny_model_dir), "--image", str(bad),
+                              "--prompt", "hi"), r"bad\.png")
+
+
+def test_prompt_over_the_context(tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "short")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=40)))
+    result = run("generate", "--model", str(folder), "--prompt", "word " * 60)
+    assert_one_line_error(result, r"needs \d+ tokens of context but the model holds 40")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run("generate", "--model", str(tmp_path / "missing"), "--prompt", "hi", "--debug")
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_chat_in_a_terminal(tiny_model_dir, photo, tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (2400, 2000), "white").save(big)
+    child = pexpect.spawn(COMMAND, ["chat", "--model", str(tiny_model_dir), "--max-tokens", "400",
+                                    "--temp", "0"], encoding="utf-8", timeout=90)
+    try:
+        child.expect("Commands:")
+        child.expect(">> ")
+        child.sendline("Hello there")
+        child.expect(r"\[prompt: \d+ tokens.*generation: \d+ tokens")  # stats after the answer
+        child.expect(">> ")
+
+        child.sendline(f"/image {big}")
+        child.expect(r"note: .*big\.png becomes \d+ vision tokens; --max-pixels caps it")
+        child.expect(">> ")
+        child.sendline("/clear")  # forget the conversation and the large image
+        child.expect(r"conversation cleared")
+        child.expect(">> ")
+        child.sendline(f"/image {photo}")
+        child.expect(r"added .*photo\.png")
+        child.expect(">> ")
+        child.sendline("/image " + str(tmp_path / "missing.png"))
+        child.expect(r"error: .*missing\.png")
+        child.expect(">> ")
+
+        child.sendline("Describe this image at length")
+        child.expect("at length\r\n")  # the terminal's echo of the question
+        child.expect(r"\S{5}")  # the answer has started streaming
+        child.sendintr()  # Ctrl-C stops the answer, not the session
+        child.expect(r"\(stopped\)")
+        child.expect(">> ")
+
+        child.sendline("Thanks")
+        child.expect(r"\[prompt: (\d+) tokens")
+        assert int(child.match.group(1)) < 40  # only the new turn was prefilled
+        child.expect(">> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_exits_on_ctrl_d(tiny_model_dir):
+    child = pexpect.spawn(COMMAND, ["chat", "--model", str(tiny_model_dir)], encoding="utf-8", timeout=60)
+    child.expect(">> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
