@@ -182,9 +182,16 @@ def load_model(path, dtype: Optional[mx.Dtype] = "auto") -> Model:
 MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
 
+DEMO_MODEL = Path(__file__).parent / "demo_model"
+
+
 def resolve_model_path(path_or_repo, revision: Optional[str] = None) -> Path:
-    """A local folder as is; a hub repo id downloaded (only the files needed) or taken
-    from the local cache when offline."""
+    """A local folder as is; ``demo`` for the small model shipped with the package; a hub repo
+    id downloaded (only the files needed) or taken from the local cache when offline."""
+    if str(path_or_repo) == "demo":
+        if not (DEMO_MODEL / "config.json").is_file():
+            raise ModelLoadError(f"the demo model is missing from this installation ({DEMO_MODEL})")
+        return DEMO_MODEL
     path = Path(path_or_repo).expanduser()
     if path.exists():
         return path

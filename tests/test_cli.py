@@ -147,3 +147,10 @@ def test_chat_exits_on_ctrl_d(tiny_model_dir):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_hub_id_offline_and_not_cached(tmp_path):
+    env = dict(__import__("os").environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run([COMMAND, "generate", "--model", "someone/not-a-model", "--prompt", "hi"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert_one_line_error(result, r"someone/not-a-model is neither a local folder nor in the hub cache")
