@@ -205,7 +205,7 @@ def test_real_widths_match_reference(size, tmp_path):
     grid = np.array([[1, 8, 8]])
     with torch.no_grad():
         expected = ref(input_ids=to_torch(ids), mm_token_type_ids=to_torch(types),
-                       pixel_values=to_torch(pixels), image_grid_thw=to_torch(grid)).logits.numpy()
+                       pixel_values=to_torch(pixels), image_grid_thw=to_torch(grid)).logits.cpu().numpy()
     ours = model(ids, pixel_values=pixels, image_grid_thw=grid)
     error = rel_error(ours, expected)
     print(f"{size} widths: logits rel error {error:.2e}")
