@@ -567,19 +567,23 @@ def _make_parents(folder: Path) -> list:
 
 
 class _NoInterrupts:
-    """Ctrl-C waits while the folder is put in place or cleaned up (main thread only)."""
+    """Ctrl-C and SIGTERM are ignored for the moment the folder is put in place or cleaned
+    up, so neither can leave it half-renamed or half-removed (main thread only)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.saved = None
+        self.saved = {}
         try:
-            self.saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for sig in self.SIGNALS:
+                self.saved[sig] = signal.signal(sig, signal.SIG_IGN)
         except ValueError:  # not the main thread
             pass
         return self
 
     def __exit__(self, *exc):
-        if self.saved is not None:
-            signal.signal(signal.SIGINT, self.saved)
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
 
 
 def _finalize(temporary: Path, target: Path, force: bool) -> None:
@@ -630,9 +634,9 @@ def convert(
     """
     log = log or (lambda message: None)
     if quantize and dequantize:
-        raise ConversionError("choose either quantize or dequantize, not both")
+        raise ConversionError("choose either quantizing (-q) or dequantizing (-d), not both")
     if quantize_vision and not quantize:
-        raise ConversionError("quantize_vision needs quantize")
+        raise ConversionError("quantizing the vision tower (--quantize-vision) needs quantize (-q)")
     if quantize and q_bits not in Q_BITS:
         raise ConversionError(f"q_bits must be one of {', '.join(map(str, Q_BITS))}, not {q_bits}")
     if quantize and q_group_size not in Q_GROUP_SIZES:
@@ -778,6 +782,8 @@ def upload(folder: Path, repo: str) -> None:
         api = HfApi()
         api.create_repo(repo_id=repo, repo_type="model", exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model")
+    except KeyboardInterrupt:
+        raise ConversionError(f"upload to {repo} interrupted; the converted folder is at {folder}") from None
     except Exception as error:  # offline, not logged in, no rights
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConversionError(

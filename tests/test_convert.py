@@ -1,13 +1,13 @@
 """Converting checkpoints to MLX folders: quantization adds no error of its own, the layout is
 mlx-community's, and a failed or interrupted conversion leaves nothing behind."""
 
+import importlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,12 +20,12 @@ from mlx_lm.utils import dequantize_model
 from safetensors import safe_open
 from safetensors.torch import load_file as load_torch
 
-import mlx_qwenvl.convert as convert_module
 from mlx_qwenvl.convert import ConversionError, ConversionInterrupted, convert
 from mlx_qwenvl.errors import ModelLoadError
 from mlx_qwenvl.loading import load_model
 from reference import make_reference, rel_error, save_reference, tiny_config
 
+convert_module = importlib.import_module("mlx_qwenvl.convert")  # the module, whatever the package exports
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = Path(__file__).parent / "assets" / "qwen2_tokenizer"
 V = 1024  # a small vocabulary (the special ids moved below it) keeps every conversion light
@@ -305,7 +305,7 @@ def test_source_errors_come_before_any_work(source, tmp_path):
 
     with pytest.raises(ConversionError, match="not quantized"):
         convert(source, target, dequantize=True)
-    with pytest.raises(ConversionError, match="either quantize or dequantize"):
+    with pytest.raises(ConversionError, match="either quantizing .* or dequantizing"):
         convert(source, target, quantize=True, dequantize=True)
     with pytest.raises(ConversionError, match="q_bits"):
         convert(source, target, quantize=True, q_bits=7)
