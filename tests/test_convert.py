@@ -286,7 +286,7 @@ def test_source_errors_come_before_any_work(source, tmp_path):
     def reshape(folder):
         (folder / "config.json").write_text(json.dumps(dict(read_json(source / "config.json"), intermediate_size=384)))
 
-    with pytest.raises(ModelLoadError, match=r"has shape \(384, 128\), the config implies|has shape .* config implies"):
+    with pytest.raises(ModelLoadError, match=r"weight language_model\.model\.layers\.0\.mlp\.\w+_proj\.weight has shape .*, the config implies"):
         convert(broken("shape", reshape), target)
 
     def truncate(folder):
