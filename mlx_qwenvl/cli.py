@@ -223,3 +223,12 @@ def answer_turn(session, text, pending, options) -> None:
         pending["videos"].clear()
     if response is not None:
         click.echo(f"[{stats_line(response)}]", err=True)
+
+
+def _register_convert() -> None:
+    from .convert import convert_command
+
+    main.add_command(convert_command, "convert")
+
+
+_register_convert()

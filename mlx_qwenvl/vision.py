@@ -212,14 +212,14 @@ class VisionBlock(nn.Module):
 class PatchMerger(nn.Module):
     def __init__(self, args: VisionArgs):
         super().__init__()
-        merged = args.hidden_size * args.spatial_merge_size**2
+        self.merged = merged = args.hidden_size * args.spatial_merge_size**2
         # The norm acts per patch, before four neighbouring patches are concatenated.
         self.ln_q = nn.RMSNorm(args.hidden_size, eps=1e-6)
         self.mlp = [nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, args.out_hidden_size)]
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.ln_q(x)
-        x = x.reshape(-1, self.mlp[0].weight.shape[1])
+        x = x.reshape(-1, self.merged)
         for layer in self.mlp:
             x = layer(x)
         return x
