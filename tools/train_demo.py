@@ -1,0 +1,187 @@
+"""Train the tiny offline demo Qwen2.5-VL with the reference implementation (transformers, CPU).
+
+The real architecture, tokenizer and chat template, shrunk: a 4-block vision tower (windowed
+blocks 0 and 2, full-attention blocks 1 and 3) on pictures larger than one 112-px window, and a
+3-layer decoder. It learns the synthetic questions of ``demo_tasks.py``. Seeded: the same
+command gives the same checkpoint. About 25 minutes on 2 CPU cores.
+
+    python tools/train_demo.py --out /tmp/demo-hf        # hub-layout checkpoint
+    python tools/package_demo.py --checkpoint /tmp/demo-hf   # zero unused rows, convert, ship
+"""
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+from demo_tasks import KINDS, make_question, questions  # noqa: E402
+
+TOKENIZER = ROOT / "tests" / "assets" / "qwen2_tokenizer"
+IM_END, PAD = 151645, 151643
+
+CONFIG = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 4096,
+    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    "tie_word_embeddings": True,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "hidden_act": "silu",
+    "attention_dropout": 0.0,
+    "use_sliding_window": False,
+    "vision_config": {
+        "depth": 4, "hidden_act": "silu", "hidden_size": 128, "intermediate_size": 256,
+        "num_heads": 4, "in_chans": 3, "out_hidden_size": 64, "patch_size": 14,
+        "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+        "fullatt_block_indexes": [1, 3], "tokens_per_second": 2, "temporal_patch_size": 2,
+    },
+}
+PREPROCESSOR = {
+    "min_pixels": 3136, "max_pixels": 63504, "patch_size": 14, "temporal_patch_size": 2,
+    "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+}
+GENERATION = {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
+              "do_sample": False}
+
+
+def write_folder_files(folder: Path) -> None:
+    """Everything but the weights: tokenizer, template, preprocessor and generation configs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in TOKENIZER.iterdir():
+        if file.is_file():
+            shutil.copy(file, folder / file.name)
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(GENERATION, indent=2))
+
+
+def messages_for(question):
+    content = [{"type": "image", "image": image} for image in question.images]
+    return [{"role": "user", "content": content + [{"type": "text", "text": question.text}]}]
+
+
+def encode(processor, question):
+    inputs = processor(messages_for(question))
+    answer = processor.tokenizer.encode(question.answer) + [IM_END]
+    return inputs, answer
+
+
+def collate(batch):
+    """Right-padded ids, attention mask, token types, pixels, and the answer positions."""
+    length = max(inputs["input_ids"].shape[1] + len(answer) for inputs, answer in batch)
+    ids = np.full((len(batch), length), PAD, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    rows, cols, targets = [], [], []
+    for b, (inputs, answer) in enumerate(batch):
+        sequence = list(inputs["input_ids"][0]) + answer
+        ids[b, : len(sequence)] = sequence
+        mask[b, : len(sequence)] = 1
+        start = inputs["input_ids"].shape[1]
+        for i, token in enumerate(answer):
+            rows.append(b)
+            cols.append(start + i - 1)  # the position whose output predicts this token
+            targets.append(token)
+    types = (ids == CONFIG["image_token_id"]).astype(np.int64)
+    pixels = np.concatenate([inputs["pixel_values"] for inputs, _ in batch])
+    grids = np.concatenate([inputs["image_grid_thw"] for inputs, _ in batch])
+    tensors = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types,
+                   pixel_values=pixels, image_grid_thw=grids)
+    return {k: torch.from_numpy(v) for k, v in tensors.items()}, (rows, cols, targets)
+
+
+def answer_logits(model, tensors, rows, cols):
+    hidden = model.model(**tensors).last_hidden_state
+    return model.lm_head(hidden[rows, cols])
+
+
+def evaluate(model, processor, held_out):
+    """Accuracy of the first answer token (greedy), per question kind."""
+    model.eval()
+    correct = {kind: [0, 0] for kind in KINDS}
+    with torch.no_grad():
+        for question in held_out:
+            inputs, answer = encode(processor, question)
+            tensors, (rows, cols, _) = collate([(inputs, answer[:1])])
+            predicted = answer_logits(model, tensors, rows, cols).argmax(-1).item()
+            correct[question.kind][0] += predicted == answer[0]
+            correct[question.kind][1] += 1
+    model.train()
+    return {kind: hits / total for kind, (hits, total) in correct.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=250)
+    args = parser.parse_args()
+
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from mlx_qwenvl.processor import Processor
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(2)
+    write_folder_files(args.out)
+    processor = Processor.from_pretrained(args.out)
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**CONFIG)).float().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    warmup = max(1, args.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup)
+        * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps)))),
+    )
+    rng = random.Random(args.seed)
+    held_out = questions(seed=10_000 + args.seed, count=100)
+    tic, running = time.time(), None
+    for step in range(1, args.steps + 1):
+        batch = [encode(processor, make_question(rng)) for _ in range(args.batch)]
+        tensors, (rows, cols, targets) = collate(batch)
+        logits = answer_logits(model, tensors, rows, cols)
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % args.eval_every == 0 or step == args.steps:
+            accuracy = evaluate(model, processor, held_out)
+            shown = " ".join(f"{k}={v:.2f}" for k, v in accuracy.items())
+            print(f"step {step} loss {running:.3f} {shown} ({time.time() - tic:.0f}s)", flush=True)
+    model.save_pretrained(args.out)
+    (args.out / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
