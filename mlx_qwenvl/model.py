@@ -107,8 +107,12 @@ class Model(nn.Module):
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None,
               pixel_values_videos=None, video_grid_thw=None) -> mx.array:
         """Token embeddings with the vision features written over the placeholder rows."""
+        embed_tokens = self.language_model.model.embed_tokens
+        if isinstance(input_ids, mx.array) and image_grid_thw is None and video_grid_thw is None:
+            # Decoding steps: ids already on the device; reading them back would stall the loop.
+            return embed_tokens(input_ids)
         ids = np.asarray(input_ids)
-        embeddings = self.language_model.model.embed_tokens(mx.array(ids))
+        embeddings = embed_tokens(mx.array(ids))
         for pixels, grid, token, kind in (
             (pixel_values, image_grid_thw, self.args.image_token_id, "image"),
             (pixel_values_videos, video_grid_thw, self.args.video_token_id, "video"),
