@@ -21,63 +21,97 @@ MAX_SCORE_ELEMENTS = 1 << 28
 
 
 @dataclass
-class SegmentLayout:
-    """Contiguous, independent attention segments of a token sequence (windows, images, frames).
-
-    Segments of unequal length are padded to the longest and masked, so that every segment
-    is attended in one batched call.
-    """
+class SegmentBatch:
+    """Segments attended in one call: equal lengths, or padded to the longest and masked."""
 
     num_segments: int
-    max_len: int
-    gather: Optional[mx.array] = None  # (S, max_len) token index per padded slot
-    key_mask: Optional[mx.array] = None  # (S, 1, 1, max_len), True for real tokens
-    scatter: Optional[mx.array] = None  # positions of the real tokens among S * max_len slots
+    length: int
+    gather: Optional[mx.array] = None  # (S, length) token index per slot; None: contiguous
+    key_mask: Optional[mx.array] = None  # (S, 1, 1, length), True for real tokens
+    valid: Optional[mx.array] = None  # the real slots among S * length
 
     @classmethod
-    def from_lengths(cls, lengths) -> "SegmentLayout":
-        lengths = np.asarray(lengths, dtype=np.int64)
-        lengths = lengths[lengths > 0]
-        num_segments, max_len = len(lengths), int(lengths.max())
-        if (lengths == max_len).all():
-            return cls(num_segments, max_len)
-        starts = np.cumsum(lengths) - lengths
-        slots = np.arange(max_len)
+    def pad(cls, starts: np.ndarray, lengths: np.ndarray, contiguous: bool) -> "SegmentBatch":
+        length = int(lengths.max())
+        if contiguous and (lengths == length).all():
+            return cls(len(lengths), length)
+        slots = np.arange(length)
         valid = slots[None, :] < lengths[:, None]
         gather = np.where(valid, starts[:, None] + slots[None, :], 0)
+        padded = not valid.all()
         return cls(
-            num_segments,
-            max_len,
+            len(lengths),
+            length,
             gather=mx.array(gather.astype(np.int32)),
-            key_mask=mx.array(valid[:, None, None, :]),
-            scatter=mx.array(np.flatnonzero(valid).astype(np.int32)),
+            key_mask=mx.array(valid[:, None, None, :]) if padded else None,
+            valid=mx.array(np.flatnonzero(valid).astype(np.int32)) if padded else None,
         )
 
-    def to_segments(self, x: mx.array) -> mx.array:
-        """(N, H, D) tokens -> (S, H, max_len, D)."""
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        """(N, H, D) q/k/v -> (real tokens of this batch, H * D)."""
+        q, k, v = (self._to_segments(t) for t in (q, k, v))
+        rows = max(1, MAX_SCORE_ELEMENTS // (self.num_segments * q.shape[1] * self.length))
+        if rows >= self.length:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=self.key_mask)
+        else:
+            # Huge images: bound the scores held at once. MLX is lazy, so each chunk is
+            # evaluated before the next one is built; otherwise all would coexist.
+            chunks = []
+            for start in range(0, self.length, rows):
+                chunk = mx.fast.scaled_dot_product_attention(
+                    q[:, :, start : start + rows], k, v, scale=scale, mask=self.key_mask
+                )
+                mx.eval(chunk)
+                chunks.append(chunk)
+            out = mx.concatenate(chunks, axis=2)
+        out = out.transpose(0, 2, 1, 3).reshape(self.num_segments * self.length, -1)
+        return out if self.valid is None else out[self.valid]
+
+    def _to_segments(self, x: mx.array) -> mx.array:
+        """(N, H, D) tokens -> (S, H, length, D)."""
         if self.gather is None:
-            x = x.reshape(self.num_segments, self.max_len, *x.shape[1:])
+            x = x.reshape(self.num_segments, self.length, *x.shape[1:])
         else:
             x = x[self.gather]
         return x.transpose(0, 2, 1, 3)
 
-    def from_segments(self, x: mx.array) -> mx.array:
-        """(S, H, max_len, D) -> (N, H * D)."""
-        x = x.transpose(0, 2, 1, 3).reshape(self.num_segments * self.max_len, -1)
-        return x if self.scatter is None else x[self.scatter]
+
+@dataclass
+class SegmentLayout:
+    """Contiguous, independent attention segments of a token sequence (windows, images, frames).
+
+    Windows (at most 64 patches) are padded to the longest and attended in one batched call.
+    Images of very different sizes are grouped by length instead, so one large photo beside
+    small ones does not pad every small one to its size.
+    """
+
+    batches: list
+    restore: Optional[mx.array] = None  # batch outputs (concatenated) -> token order
+
+    @classmethod
+    def from_lengths(cls, lengths, max_padding: float = 1.0) -> "SegmentLayout":
+        """Pad everything into one batch unless that adds more than ``max_padding`` times the
+        real tokens; then one batch per distinct length."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        lengths = lengths[lengths > 0]
+        starts = np.cumsum(lengths) - lengths
+        total = int(lengths.sum())
+        if len(lengths) * int(lengths.max()) <= (1 + max_padding) * total:
+            return cls([SegmentBatch.pad(starts, lengths, contiguous=True)])
+        batches, order = [], []
+        for length in np.unique(lengths):
+            chosen = lengths == length
+            batches.append(SegmentBatch.pad(starts[chosen], lengths[chosen], contiguous=False))
+            order.append((starts[chosen][:, None] + np.arange(length)[None, :]).ravel())
+        restore = np.argsort(np.concatenate(order))
+        return cls(batches, mx.array(restore.astype(np.int32)))
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-        q, k, v = (self.to_segments(t) for t in (q, k, v))
-        num_segments, heads, length, _ = q.shape
-        rows = max(1, MAX_SCORE_ELEMENTS // (num_segments * heads * length))
-        chunks = [
-            mx.fast.scaled_dot_product_attention(
-                q[:, :, start : start + rows], k, v, scale=scale, mask=self.key_mask
-            )
-            for start in range(0, length, rows)
-        ]
-        out = chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=2)
-        return self.from_segments(out)
+        """(N, H, D) q/k/v -> (N, H * D), every segment attending only to itself."""
+        outs = [batch.attend(q, k, v, scale) for batch in self.batches]
+        if self.restore is None:
+            return outs[0]
+        return mx.concatenate(outs, axis=0)[self.restore]
 
 
 @dataclass
@@ -138,7 +172,7 @@ def plan_vision(grid_thw, args: VisionArgs) -> VisionPlan:
         window_index=mx.array(window_index.astype(np.int32)),
         reverse_index=mx.array(np.argsort(window_index).astype(np.int32)),
         positions=mx.array(positions.astype(np.float32)),
-        windows=SegmentLayout.from_lengths(window_lengths),
+        windows=SegmentLayout.from_lengths(window_lengths, max_padding=np.inf),
         full=SegmentLayout.from_lengths(frame_lengths),
     )
 

@@ -29,6 +29,7 @@ CASES = {
     "merged-grid-not-divisible": ([("image", (1, 10, 14))], None),
     "non-square-several-windows": ([("image", (1, 12, 36))], None),
     "two-images": ([("image", (1, 10, 14)), ("image", (1, 16, 8))], None),
+    "large-and-small-images": ([("image", (1, 16, 16)), ("image", (1, 4, 4)), ("image", (1, 4, 8))], None),
     "video-t3": ([("video", (3, 8, 12))], [1.0]),
     "image-and-video": ([("image", (1, 8, 12)), ("video", (4, 8, 8))], [0.75]),
 }
@@ -151,6 +152,31 @@ def test_logits_bf16(case, bf16_pair):
     error = rel_error(ours, expected)
     print(f"{case}: bf16 logits rel error {error:.2e}")
     assert error <= BF16_TOLERANCE
+
+
+def test_chunked_attention_for_large_images(tiny_reference, fp32_model, monkeypatch):
+    """Huge images attend in query chunks (bounded memory); the result must not change."""
+    import mlx_qwenvl.vision as vision
+
+    monkeypatch.setattr(vision, "MAX_SCORE_ELEMENTS", 4 * 64 * 100)  # ~100-query chunks
+    items = [("image", (1, 22, 18)), ("image", (1, 10, 14))]
+    inputs = make_inputs(items)
+    with torch.no_grad():
+        expected = tiny_reference[0].model.visual(
+            to_torch(inputs["pixel_values"]), grid_thw=to_torch(inputs["image_grid_thw"])
+        ).pooler_output
+    ours = fp32_model.vision_tower(mx.array(inputs["pixel_values"]), inputs["image_grid_thw"])
+    assert rel_error(ours, expected.cpu().numpy()) <= FP32_TOLERANCE
+
+
+def test_segment_layouts():
+    from mlx_qwenvl.vision import SegmentLayout
+
+    padded = SegmentLayout.from_lengths([140, 128])  # similar sizes: one padded call
+    assert len(padded.batches) == 1 and padded.batches[0].key_mask is not None
+    grouped = SegmentLayout.from_lengths([256, 16, 32, 16])  # one large image: grouped by size
+    assert [b.length for b in grouped.batches] == [16, 32, 256]
+    assert all(b.key_mask is None for b in grouped.batches)
 
 
 def test_greedy_decode_matches_reference_generate(tiny_reference, fp32_model):
