@@ -78,7 +78,7 @@ class ChatSession:
         keep = min(held, prompt_end + len(answer_ids)) if complete else len(self.tokens)
         # An interruption can also stop between layers: make every layer hold the same tokens.
         for layer_cache in self.cache:
-            if layer_cache.offset > keep:
+            if layer_cache.offset > keep and layer_cache.is_trimmable():
                 layer_cache.trim(layer_cache.offset - keep)
         if not complete:
             return

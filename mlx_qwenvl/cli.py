@@ -44,7 +44,7 @@ def model_options(command):
         click.option("--min-pixels", type=int, default=None, help="Smallest image area (pixels)."),
         click.option("--max-pixels", type=int, default=None,
                      help="Largest image area (pixels); caps the tokens per image."),
-        click.option("--max-tokens", type=int, default=512, show_default=True),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True),
         click.option("--temp", "temperature", type=float, default=None,
                      help="Sampling temperature (default: generation_config.json, else greedy)."),
         click.option("--top-p", type=float, default=None),
@@ -53,8 +53,11 @@ def model_options(command):
         click.option("--repetition-penalty", type=float, default=None),
         click.option("--seed", type=int, default=None),
         click.option("--max-kv-size", type=int, default=None, help="Rotating KV cache size."),
-        click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to these bits."),
-        click.option("--kv-group-size", type=int, default=64, show_default=True),
+        click.option("--kv-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
+                     callback=lambda ctx, param, value: None if value is None else int(value),
+                     help="Quantize the KV cache to these bits."),
+        click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64",
+                     show_default=True, callback=lambda ctx, param, value: int(value)),
         click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="auto", show_default=True,
                      help="Compute dtype: auto is float32 on a Linux CPU, else the checkpoint's."),
         click.option("--verbose", is_flag=True, help="Print statistics to stderr."),
@@ -152,6 +155,9 @@ def chat(model_path, images, system, verbose, max_kv_size, min_pixels, max_pixel
     except ImportError:
         pass
     model, processor = load_for_cli(model_path, verbose, dtype)
+    for image in images:
+        processor.check_image(image)
+    image_notices(processor, images, min_pixels, max_pixels)
     session = ChatSession(model, processor, system=system, max_kv_size=max_kv_size,
                           min_pixels=min_pixels, max_pixels=max_pixels)
     pending = {"images": list(images), "videos": []}
@@ -213,8 +219,14 @@ def answer_turn(session, text, pending, options) -> None:
         click.echo()
     except KeyboardInterrupt:
         click.echo("\n(stopped)")
-    except QwenVLError as error:
-        click.echo(f"error: {error}", err=True)
+    except Exception as error:  # noqa: BLE001 - a failed turn must not end the conversation
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if not isinstance(error, QwenVLError):
+            message = f"{type(error).__name__}: {message}"
+        click.echo(f"\nerror: {message}", err=True)
+        if isinstance(error, QwenVLError):  # the attached media were the problem: drop them
+            pending["images"].clear()
+            pending["videos"].clear()
         return
     finally:
         stream.close()  # the session keeps what was answered so far

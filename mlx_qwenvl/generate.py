@@ -9,7 +9,7 @@ from typing import Iterator, List, Optional
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import InputError
@@ -93,6 +93,11 @@ def _sampling(processor, temperature, top_p, top_k, min_p, repetition_penalty):
     return sampler, processors
 
 
+def with_prompt_context(processors, prompt_ids, keep: int = 256):
+    prefix = mx.array(prompt_ids[-keep:].astype(np.int32))
+    return [lambda tokens, logits, p=p: p(mx.concatenate([prefix, tokens]), logits) for p in processors]
+
+
 def context_length(model) -> int:
     return model.args.text.max_position_embeddings
 
@@ -129,9 +134,14 @@ def stream_tokens(
                                          "video_grid_thw", "second_per_grid_ts")}
     if ids[0, -1] in (model.args.image_token_id, model.args.video_token_id):
         raise InputError("the prompt must end with text after its last image or video")
+    if kv_bits is not None and any(isinstance(c, RotatingKVCache) for c in prompt_cache):
+        raise InputError("a quantized KV cache (kv_bits) cannot be combined with max_kv_size")
     if seed is not None:
         mx.random.seed(seed)
     sampler, logits_processors = _sampling(processor, temperature, top_p, top_k, min_p, repetition_penalty)
+    if logits_processors:
+        # mlx-lm's loop only sees the last prompt token: let the penalties see the prompt too.
+        logits_processors = with_prompt_context(logits_processors, ids[0, :-1])
     stop_ids = stop_token_ids(processor)
     detokenizer = processor.tokenizer.detokenizer
     detokenizer.reset()
@@ -224,6 +234,8 @@ def collect(responses) -> GenerationResult:
     for last in responses:
         text += last.text
         tokens.append(last.token)
+    if last is None:
+        raise InputError("no tokens were generated (max_tokens must be at least 1)")
     return GenerationResult(
         text=text,
         tokens=tokens,

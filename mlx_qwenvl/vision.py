@@ -227,7 +227,22 @@ class VisionMLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=True)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        with_float32 = _float32_for_float16(x)
+        out = self.down_proj(nn.silu(self.gate_proj(with_float32)) * self.up_proj(with_float32))
+        return _back_to(out, x.dtype)
+
+
+def _float32_for_float16(x: mx.array) -> mx.array:
+    # The vision MLP and merger overflow float16 on real images (mlx-vlm #745,
+    # transformers #33294): compute them in float32; float16 weights promote.
+    return x.astype(mx.float32) if x.dtype == mx.float16 else x
+
+
+def _back_to(x: mx.array, dtype) -> mx.array:
+    if dtype == mx.float16 and x.dtype != dtype:
+        limit = float(np.finfo(np.float16).max)
+        return mx.clip(x, -limit, limit).astype(dtype)
+    return x
 
 
 class VisionBlock(nn.Module):
@@ -252,11 +267,11 @@ class PatchMerger(nn.Module):
         self.mlp = [nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, args.out_hidden_size)]
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = self.ln_q(x)
-        x = x.reshape(-1, self.merged)
+        dtype = x.dtype
+        x = _float32_for_float16(self.ln_q(x).reshape(-1, self.merged))
         for layer in self.mlp:
             x = layer(x)
-        return x
+        return _back_to(x, dtype)
 
 
 class VisionModel(nn.Module):

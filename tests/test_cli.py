@@ -154,3 +154,17 @@ def test_hub_id_offline_and_not_cached(tmp_path):
     result = subprocess.run([COMMAND, "generate", "--model", "someone/not-a-model", "--prompt", "hi"],
                             capture_output=True, text=True, timeout=120, env=env)
     assert_one_line_error(result, r"someone/not-a-model is neither a local folder nor in the hub cache")
+
+
+def test_chat_survives_a_failed_turn(tiny_model_dir):
+    child = pexpect.spawn(COMMAND, ["chat", "--model", str(tiny_model_dir), "--kv-bits", "4",
+                                    "--max-kv-size", "64", "--max-tokens", "4"],
+                          encoding="utf-8", timeout=60)
+    child.expect(">> ")
+    child.sendline("Hello")
+    child.expect(r"error: a quantized KV cache \(kv_bits\) cannot be combined with max_kv_size")
+    child.expect(">> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

@@ -155,3 +155,34 @@ def test_quantized_and_rotating_kv_caches(tmp_path):
     rotating = generate(model, processor, "What is this?", images=images, max_tokens=6,
                         temperature=0.0, max_kv_size=4096)
     assert rotating.tokens == base.tokens
+
+
+def test_quantized_cache_with_rotating_cache_is_refused(loaded):
+    model, processor = loaded
+    with pytest.raises(InputError, match="cannot be combined with max_kv_size"):
+        generate(model, processor, "Hi", max_tokens=2, kv_bits=4, max_kv_size=64)
+
+
+def test_penalties_see_the_prompt():
+    from mlx_qwenvl.generate import with_prompt_context
+
+    seen = []
+    [wrapped] = with_prompt_context([lambda tokens, logits: seen.append(tokens.tolist()) or logits],
+                                    np.array([5, 6, 7, 8]), keep=3)
+    wrapped(mx.array([9], dtype=mx.int32), mx.zeros((1, 10)))
+    assert seen == [[6, 7, 8, 9]]
+
+
+def test_float16_vision_tower_stays_finite_and_close(tiny_reference):
+    """float16 runs the vision MLP and merger in float32 (they overflow float16 on real images)."""
+    from mlx_qwenvl.loading import load_model
+    from reference import rel_error
+    from test_model_parity import make_inputs
+
+    inputs = make_inputs([("image", (1, 10, 14))])
+    fp32 = load_model(tiny_reference[1], dtype=mx.float32)
+    fp16 = load_model(tiny_reference[1], dtype=mx.float16)
+    pixels, grid = mx.array(inputs["pixel_values"]), inputs["image_grid_thw"]
+    ours = fp16.vision_tower(pixels, grid)
+    assert ours.dtype == mx.float16 and bool(mx.isfinite(ours).all())
+    assert rel_error(ours.astype(mx.float32), fp32.vision_tower(pixels, grid)) <= 1e-2
