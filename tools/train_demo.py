@@ -142,6 +142,7 @@ def main():
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--init-std", type=float, default=0.02, help="initializer_range")
     args = parser.parse_args()
 
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -152,7 +153,9 @@ def main():
     torch.set_num_threads(2)
     write_folder_files(args.out)
     processor = Processor.from_pretrained(args.out)
-    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**CONFIG)).float().train()
+    config = dict(CONFIG, initializer_range=args.init_std)
+    config["vision_config"] = dict(CONFIG["vision_config"], initializer_range=args.init_std)
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config)).float().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
