@@ -39,7 +39,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelArgs
 from .errors import ModelLoadError, QwenVLError
-from .loading import _quantize_like, _short_list, read_config, resolve_model_path, sanitize, weight_files, weight_layout
+from .loading import _short_list, model_skeleton, read_config, resolve_model_path, sanitize, weight_files, weight_layout
 from .model import Model
 
 MAX_SHARD_BYTES = 5_000_000_000  # "at most 5 GB" in either reading of GB
@@ -181,25 +181,7 @@ def inspect_source(path: Path) -> Source:
         renamed = sanitize({name: _spec(file, name, entry) for name, entry in ordered}, args)
         specs.update(renamed)
 
-    model = Model(args)
-    if args.quantization:
-        _quantize_like(model, args.quantization, specs)
-    expected = {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
-    missing, unexpected = set(expected) - set(specs), set(specs) - set(expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing weights: {_short_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected weights: {_short_list(unexpected)}")
-        raise ModelLoadError(f"{path}: " + "; ".join(parts))
-    wrong = [name for name, spec in specs.items() if spec.shape != expected[name]]
-    if wrong:
-        name = wrong[0]
-        more = f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        raise ModelLoadError(
-            f"{path}: weight {name} has shape {specs[name].shape}, the config implies {expected[name]}{more}"
-        )
+    model = model_skeleton(args, {name: spec.shape for name, spec in specs.items()}, where=f"{path}: ")
     source = Source(path, config, args, files, specs, model)
     source.nbytes = sum(spec.nbytes for spec in specs.values())
     return source

@@ -105,29 +105,36 @@ def default_dtype():
     return None
 
 
-def build_model(config: dict, weights: dict, dtype=None) -> Model:
-    """A Model with ``weights`` (any supported naming) loaded; errors list what does not match."""
-    args = ModelArgs.from_dict(config)
-    weights = sanitize(weights, args)
+def model_skeleton(args: ModelArgs, shapes: dict, where: str = "") -> Model:
+    """The Model for ``args``, quantized like the weights, checked against their names and
+    shapes (``shapes``: MLX name -> shape); errors list what does not match."""
     model = Model(args)
     if args.quantization:
-        _quantize_like(model, args.quantization, weights)
-    expected = dict(tree_flatten(model.parameters()))
-    missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
+        _quantize_like(model, args.quantization, shapes)
+    expected = {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
+    missing, unexpected = set(expected) - set(shapes), set(shapes) - set(expected)
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing weights: {_short_list(missing)}")
         if unexpected:
             parts.append(f"unexpected weights: {_short_list(unexpected)}")
-        raise ModelLoadError("; ".join(parts))
-    wrong = [k for k, v in weights.items() if v.shape != expected[k].shape]
+        raise ModelLoadError(where + "; ".join(parts))
+    wrong = [name for name, shape in shapes.items() if tuple(shape) != expected[name]]
     if wrong:
-        k = wrong[0]
+        name = wrong[0]
+        more = f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise ModelLoadError(
-            f"weight {k} has shape {tuple(weights[k].shape)}, the config implies "
-            f"{tuple(expected[k].shape)}" + (f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else "")
+            f"{where}weight {name} has shape {tuple(shapes[name])}, the config implies {expected[name]}{more}"
         )
+    return model
+
+
+def build_model(config: dict, weights: dict, dtype=None) -> Model:
+    """A Model with ``weights`` (any supported naming) loaded."""
+    args = ModelArgs.from_dict(config)
+    weights = sanitize(weights, args)
+    model = model_skeleton(args, {name: value.shape for name, value in weights.items()})
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
                    for k, v in weights.items()}
