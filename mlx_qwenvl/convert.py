@@ -35,7 +35,6 @@ from typing import Callable, Optional
 import click
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from .config import ModelArgs
 from .errors import ModelLoadError, QwenVLError
