@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every measurement of benchmarks/README.md, in the order they were run on the Linux CPU machine.
+# Model folders go to benchmarks/out/ (ignored); results to benchmarks/results/*.json.
+# About 45 minutes on 2 Xeon cores; the 3B runs need ~16 GB of free memory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B="python benchmarks/bench.py"
+R=benchmarks/results
+mkdir -p "$R"
+
+# deep-thin: the whole protocol, float32 / bfloat16 / 4-bit, 3 fresh processes per system taking turns
+for dtype in float32 bfloat16 q4; do
+  $B run deep-thin --dtype $dtype --processes 3 --runs 1 --json $R/deep-thin-$dtype.json
+done
+# a 12-megapixel photo at the hub's max_pixels (ours only: mlx-vlm would hold every head's N x N scores)
+$B run deep-thin --systems ours --vision 4032x3024 --generate "" --warmup "" --runs 1 \
+  --memory-cap-gb 16 --json $R/deep-thin-12mp.json
+
+# 3B, float32: two image sizes, 16 decode tokens (a float32 3B token takes ~2 s here)
+$B run 3B --dtype float32 --vision 672x448,1288x728 --generate 672x448 --warmup 224x224 --tokens 16 --runs 3 \
+  --json $R/3B-float32.json
+# 3B, bfloat16 and 4-bit: decode only, after a short text prompt (16-bit and quantized products run
+# at 7 and 3 GFLOP/s on this CPU, so an image prompt would take minutes)
+for dtype in bfloat16 q4; do
+  $B run 3B --dtype $dtype --vision "" --generate text --warmup text --tokens 8 --runs 3 --json $R/3B-$dtype.json
+done
+
+# issue 7: the OpenBLAS binding and float32 vs bfloat16 (3B widths, 2 layers + 2 blocks)
+$B blas 3B-slice --dtypes float32,bfloat16 --vision 448x448 --generate 448x448 --warmup 224x224 --tokens 16 \
+  --runs 3 --json $R/3B-slice-blas.json
+
+# converting the 3B checkpoint to 4-bit: ours against mlx-vlm's converter
+$B convert 3B --runs 3 --json $R/convert-3B.json
