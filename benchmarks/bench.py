@@ -165,7 +165,12 @@ def machine() -> dict:
                                  text=True).stdout.strip() or cpu
         except OSError:
             pass
-    info = {"system": platform.system(), "machine": platform.machine(), "cpu": cpu,
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=HERE).stdout.strip() or None
+    except OSError:
+        commit = None
+    info = {"system": platform.system(), "machine": platform.machine(), "cpu": cpu, "commit": commit,
             "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "python": platform.python_version(), **versions()}
     try:
