@@ -8,7 +8,7 @@ reproducible and disjoint in practice.
 
 import random
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Tuple
 
 from PIL import Image, ImageDraw
 
@@ -31,11 +31,14 @@ class Question:
     text: str
     answer: str
     images: List[Image.Image] = field(default_factory=list)
+    # More (question, answer) turns about the same pictures: training asks them as follow-ups,
+    # so one encoded picture teaches several answers.
+    followups: List[Tuple[str, str]] = field(default_factory=list)
 
 
 def canvas(rng: random.Random) -> Image.Image:
-    """A light background of a random size (112-336 px a side, aspect up to 3:1)."""
-    width, height = rng.randint(112, 336), rng.randint(112, 336)
+    """A light background of a random size (112-280 px a side, aspect up to 3:1)."""
+    width, height = rng.randint(112, 280), rng.randint(112, 280)
     if max(width, height) / min(width, height) > 3:
         height = max(height, width // 3)
         width = max(width, height // 3)
@@ -97,18 +100,20 @@ def many_shapes(rng: random.Random, shape: str, count: int) -> Image.Image:
 def make_question(rng: random.Random, kind: str = None) -> Question:
     kind = kind or rng.choice(KINDS)
     shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+    ask_color, ask_shape = (f"What color is the {shape}?", color), ("What shape is in the picture?", shape)
     if kind == "color":
-        return Question(kind, f"What color is the {shape}?", color, [one_shape(rng, shape, color)])
+        return Question(kind, *ask_color, [one_shape(rng, shape, color)], [ask_shape])
     if kind == "shape":
-        return Question(kind, "What shape is in the picture?", shape, [one_shape(rng, shape, color)])
+        return Question(kind, *ask_shape, [one_shape(rng, shape, color)], [ask_color])
     if kind == "count":
         count = rng.randint(1, 5)
         noun = shape if count == 1 else shape + "s"
-        return Question(kind, f"How many {noun} are there?", str(count), [many_shapes(rng, shape, count)])
+        return Question(kind, f"How many {noun} are there?", str(count), [many_shapes(rng, shape, count)],
+                        [ask_shape])
     if kind == "position":
         region = rng.choice(POSITIONS)
         return Question(kind, f"Where is the {shape}: top, bottom, left or right?", region,
-                        [one_shape(rng, shape, color, region)])
+                        [one_shape(rng, shape, color, region)], [ask_color, ask_shape])
     # two_images: the asked-for object is in exactly one of them.
     other_shape = rng.choice([s for s in SHAPES if s != shape])
     other_color = rng.choice([c for c in COLORS if c != color])

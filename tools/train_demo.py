@@ -2,8 +2,12 @@
 
 The real architecture, tokenizer and chat template, shrunk: a 4-block vision tower (windowed
 blocks 0 and 2, full-attention blocks 1 and 3) on pictures larger than one 112-px window, and a
-3-layer decoder. It learns the synthetic questions of ``demo_tasks.py``. Seeded: the same
-command gives the same checkpoint. About 25 minutes on 2 CPU cores.
+3-layer decoder, trained on the synthetic questions of ``demo_tasks.py``. Seeded: the same
+command gives the same checkpoint. About 0.8 s per step on 2 CPU cores.
+
+Status (issue 8): this recipe does not learn yet. After 1000 steps (13 minutes) the held-out
+first-token accuracy is still near chance for every kind and the loss has been flat since step
+500; the issue-8 note lists what was tried.
 
     python tools/train_demo.py --out /tmp/demo-hf        # hub-layout checkpoint
     python tools/package_demo.py --checkpoint /tmp/demo-hf   # zero unused rows, convert, ship
@@ -26,6 +30,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from demo_tasks import KINDS, make_question, questions  # noqa: E402
 
+# Positions and counts are the slow ones to learn: ask them more often.
+KIND_WEIGHTS = {"color": 1, "shape": 1, "count": 2, "position": 3, "two_images": 1}
+
 TOKENIZER = ROOT / "tests" / "assets" / "qwen2_tokenizer"
 IM_END, PAD = 151645, 151643
 
@@ -35,13 +42,15 @@ CONFIG = {
     "hidden_size": 64,
     "intermediate_size": 256,
     "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
     "vocab_size": 151936,
     "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0,
+    # A small base: with the hub's 1e6 and a 32-wide head, the column section's frequencies turn
+    # by under 0.01 rad across a picture, so the decoder could not tell left from right.
+    "rope_theta": 10.0,
     "max_position_embeddings": 4096,
-    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
     "tie_word_embeddings": True,
     "bos_token_id": 151643,
     "eos_token_id": 151645,
@@ -85,30 +94,39 @@ def messages_for(question):
     return [{"role": "user", "content": content + [{"type": "text", "text": question.text}]}]
 
 
-def encode(processor, question):
+def encode(processor, question, followups: bool = False):
+    """Model inputs for the question (and its follow-up turns), and the answer tokens to learn
+    as (position predicting it, token) pairs."""
     inputs = processor(messages_for(question))
-    answer = processor.tokenizer.encode(question.answer) + [IM_END]
-    return inputs, answer
+    ids = list(inputs["input_ids"][0])
+    targets = []
+    turns = [(question.text, question.answer)] + (question.followups if followups else [])
+    for i, (text, answer) in enumerate(turns):
+        if i:  # what the chat template renders for one more user turn
+            ids += processor.tokenizer.encode(
+                f"\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+        for token in processor.tokenizer.encode(answer) + [IM_END]:
+            targets.append((len(ids) - 1, token))  # the output at len-1 predicts the next token
+            ids.append(token)
+    return inputs, ids, targets
 
 
 def collate(batch):
-    """Right-padded ids, attention mask, token types, pixels, and the answer positions."""
-    length = max(inputs["input_ids"].shape[1] + len(answer) for inputs, answer in batch)
+    """Right-padded ids, attention mask, token types, pixels; and the supervised positions."""
+    length = max(len(ids) for _, ids, _ in batch)
     ids = np.full((len(batch), length), PAD, dtype=np.int64)
     mask = np.zeros_like(ids)
     rows, cols, targets = [], [], []
-    for b, (inputs, answer) in enumerate(batch):
-        sequence = list(inputs["input_ids"][0]) + answer
+    for b, (_, sequence, supervised) in enumerate(batch):
         ids[b, : len(sequence)] = sequence
         mask[b, : len(sequence)] = 1
-        start = inputs["input_ids"].shape[1]
-        for i, token in enumerate(answer):
+        for position, token in supervised:
             rows.append(b)
-            cols.append(start + i - 1)  # the position whose output predicts this token
+            cols.append(position)
             targets.append(token)
     types = (ids == CONFIG["image_token_id"]).astype(np.int64)
-    pixels = np.concatenate([inputs["pixel_values"] for inputs, _ in batch])
-    grids = np.concatenate([inputs["image_grid_thw"] for inputs, _ in batch])
+    pixels = np.concatenate([inputs["pixel_values"] for inputs, _, _ in batch])
+    grids = np.concatenate([inputs["image_grid_thw"] for inputs, _, _ in batch])
     tensors = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types,
                    pixel_values=pixels, image_grid_thw=grids)
     return {k: torch.from_numpy(v) for k, v in tensors.items()}, (rows, cols, targets)
@@ -119,16 +137,28 @@ def answer_logits(model, tensors, rows, cols):
     return model.lm_head(hidden[rows, cols])
 
 
+def linear_patch_embedding(model) -> None:
+    """Run the patch embedding (a Conv3d whose kernel equals its stride) as the matrix product it
+    is: the same function and weights, but a much cheaper backward pass on the CPU."""
+    embed = model.model.visual.patch_embed
+    weight = embed.proj.weight
+
+    def forward(hidden_states):
+        return hidden_states.to(weight.dtype).reshape(-1, weight[0].numel()) @ weight.reshape(weight.shape[0], -1).T
+
+    embed.forward = forward
+
+
 def evaluate(model, processor, held_out):
     """Accuracy of the first answer token (greedy), per question kind."""
     model.eval()
     correct = {kind: [0, 0] for kind in KINDS}
     with torch.no_grad():
         for question in held_out:
-            inputs, answer = encode(processor, question)
-            tensors, (rows, cols, _) = collate([(inputs, answer[:1])])
+            inputs, ids, targets = encode(processor, question)
+            tensors, (rows, cols, tokens) = collate([(inputs, ids, targets[:1])])
             predicted = answer_logits(model, tensors, rows, cols).argmax(-1).item()
-            correct[question.kind][0] += predicted == answer[0]
+            correct[question.kind][0] += predicted == tokens[0]
             correct[question.kind][1] += 1
     model.train()
     return {kind: hits / total for kind, (hits, total) in correct.items()}
@@ -156,6 +186,7 @@ def main():
     config = dict(CONFIG, initializer_range=args.init_std)
     config["vision_config"] = dict(CONFIG["vision_config"], initializer_range=args.init_std)
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config)).float().train()
+    linear_patch_embedding(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -167,7 +198,8 @@ def main():
     held_out = questions(seed=10_000 + args.seed, count=100)
     tic, running = time.time(), None
     for step in range(1, args.steps + 1):
-        batch = [encode(processor, make_question(rng)) for _ in range(args.batch)]
+        kinds = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()), k=args.batch)
+        batch = [encode(processor, make_question(rng, kind), followups=True) for kind in kinds]
         tensors, (rows, cols, targets) = collate(batch)
         logits = answer_logits(model, tensors, rows, cols)
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
