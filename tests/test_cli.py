@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -97,11 +98,17 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.returncode == 1 and "Traceback" in result.stderr
 
 
+def default_sigint():
+    """A shell that runs the tests in the background starts them with SIGINT ignored, and
+    children inherit that: give the chat the default, as a terminal would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_chat_in_a_terminal(tiny_model_dir, photo, tmp_path):
     big = tmp_path / "big.png"
     Image.new("RGB", (2400, 2000), "white").save(big)
     child = pexpect.spawn(COMMAND, ["chat", "--model", str(tiny_model_dir), "--max-tokens", "400",
-                                    "--temp", "0"], encoding="utf-8", timeout=90)
+                                    "--temp", "0"], encoding="utf-8", timeout=90, preexec_fn=default_sigint)
     try:
         child.expect("Commands:")
         child.expect(">> ")

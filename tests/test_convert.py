@@ -342,10 +342,17 @@ def test_existing_target_needs_force(source, q4, tmp_path):
         convert(q4, tmp_path / "twice", quantize=True)
 
 
+def default_sigint():
+    """A shell that runs the tests in the background starts them with SIGINT ignored, and
+    children inherit that: give the command the default, as a terminal would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(*args, env=None, **kwargs):
     return subprocess.Popen(
         [sys.executable, str(REPO / "convert.py"), *args], cwd=REPO, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}, **kwargs,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
+        preexec_fn=default_sigint, **kwargs,
     )
 
 
