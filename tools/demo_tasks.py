@@ -60,7 +60,8 @@ def draw_shape(image: Image.Image, shape: str, color: str, cx: float, cy: float,
 def one_shape(rng: random.Random, shape: str, color: str, region: str = None) -> Image.Image:
     image = canvas(rng)
     w, h = image.size
-    r = rng.uniform(0.12, 0.22) * min(w, h)
+    # Large enough that a circle and a square differ in whole patches, not a few corner pixels.
+    r = rng.uniform(0.26, 0.42) * min(w, h)
     if region is None:
         cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
     else:
@@ -101,19 +102,20 @@ def make_question(rng: random.Random, kind: str = None) -> Question:
     kind = kind or rng.choice(KINDS)
     shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
     ask_color, ask_shape = (f"What color is the {shape}?", color), ("What shape is in the picture?", shape)
+    # Follow-ups never ask what an earlier turn's text already names: "What shape is in the
+    # picture?" after "What color is the circle?" teaches copying from the prompt, not looking.
     if kind == "color":
-        return Question(kind, *ask_color, [one_shape(rng, shape, color)], [ask_shape])
+        return Question(kind, *ask_color, [one_shape(rng, shape, color)])
     if kind == "shape":
         return Question(kind, *ask_shape, [one_shape(rng, shape, color)], [ask_color])
     if kind == "count":
         count = rng.randint(1, 5)
         noun = shape if count == 1 else shape + "s"
-        return Question(kind, f"How many {noun} are there?", str(count), [many_shapes(rng, shape, count)],
-                        [ask_shape])
+        return Question(kind, f"How many {noun} are there?", str(count), [many_shapes(rng, shape, count)])
     if kind == "position":
         region = rng.choice(POSITIONS)
         return Question(kind, f"Where is the {shape}: top, bottom, left or right?", region,
-                        [one_shape(rng, shape, color, region)], [ask_color, ask_shape])
+                        [one_shape(rng, shape, color, region)], [ask_color])
     # two_images: the asked-for object is in exactly one of them.
     other_shape = rng.choice([s for s in SHAPES if s != shape])
     other_color = rng.choice([c for c in COLORS if c != color])

@@ -1,12 +1,15 @@
 """Package a trained demo checkpoint (tools/train_demo.py) for shipping.
 
 1. Zero the embedding rows of tokens the demo never sees (the 151,936-row tied embedding is
-   almost all of the model's size); the accuracy on held-out questions is printed before and
-   after, so the step is checked rather than assumed.
-2. Store that hub-layout checkpoint, gzip-compressed, under tests/assets/demo_checkpoint/: the
-   reference the tests run transformers on.
-3. Convert it with our own converter (6-bit language model, float16 vision tower) into
+   almost all of the model's size; training already keeps them zero, this checks it).
+2. Convert it with our own converter (6-bit language model, float16 vision tower) into
    mlx_qwenvl/demo_model/, which ``--model demo`` loads.
+3. Write the released hub-layout checkpoint, gzip-compressed, to tests/assets/demo_checkpoint/:
+   the trained weights with exactly the values the shipped folder holds (float16-rounded, and
+   the 6-bit layers dequantized), as a quantization-aware release would. The reference
+   (transformers) and the port then run the same numbers, so the tests compare the port, not
+   the rounding. Accuracy on held-out questions is printed at each step, and the port on the
+   shipped folder is checked against the port on the released checkpoint.
 4. Write the README's demo picture.
 
     python tools/package_demo.py --checkpoint /tmp/demo-hf
@@ -14,7 +17,6 @@
 
 import argparse
 import gzip
-import itertools
 import json
 import random
 import shutil
@@ -25,31 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from demo_tasks import COLORS, POSITIONS, SHAPES, Question, make_question, one_shape  # noqa: E402
-from train_demo import evaluate, messages_for, write_folder_files  # noqa: E402
+from demo_tasks import one_shape  # noqa: E402
+from train_demo import evaluate, messages_for, used_tokens, write_folder_files  # noqa: E402
 
 ASSET = ROOT / "tests" / "assets" / "demo_checkpoint"
 PACKAGE = ROOT / "mlx_qwenvl" / "demo_model"
 PICTURE = ROOT / "examples" / "images" / "red_circle.png"
-
-
-def used_tokens(processor) -> set:
-    """Every id a demo prompt or answer can contain: the template, all question texts, answers,
-    and the special tokens."""
-    tokenizer = processor.tokenizer
-    ids = set(range(151643, 151665))
-    rng = random.Random(0)
-    texts = set()
-    for _ in range(3000):
-        question = make_question(rng)
-        texts.add(question.text)
-        texts.add(question.answer)
-    texts |= set(COLORS) | set(SHAPES) | set(POSITIONS) | {"first", "second"} | set("12345")
-    for text in texts:
-        q = Question("any", text, "", [])
-        ids |= set(tokenizer.encode(processor.apply_chat_template(messages_for(q))))
-        ids |= set(tokenizer.encode(text))
-    return ids
 
 
 def zero_unused_rows(model, keep: set) -> None:
@@ -60,6 +43,51 @@ def zero_unused_rows(model, keep: set) -> None:
     mask[sorted(keep)] = False
     with torch.no_grad():
         embedding[mask] = 0.0
+
+
+BITS, GROUP = 6, 64
+
+
+def shipped_values(state: dict, package: Path) -> dict:
+    """``state`` (transformers names) with the values the converted folder holds, as the port
+    computes with them on a CPU: float16 for every tensor, and each quantized layer dequantized
+    from its float32-cast scales and biases, as load() does."""
+    import mlx.core as mx
+    import numpy as np
+    import torch
+
+    stored = {}
+    for file in package.glob("*.safetensors"):
+        stored.update(mx.load(str(file)))
+    values = {name: tensor.half().float() for name, tensor in state.items()}
+    for name in stored:
+        if not name.endswith(".scales"):
+            continue
+        base = name[: -len(".scales")]
+        weight = mx.dequantize(stored[base + ".weight"], stored[name].astype(mx.float32),
+                               stored[base + ".biases"].astype(mx.float32), group_size=GROUP, bits=BITS)
+        target = "model.language_model." + base.removeprefix("language_model.model.") + ".weight"
+        values[target] = torch.from_numpy(np.array(weight))
+    values["lm_head.weight"] = values["model.language_model.embed_tokens.weight"]
+    return values
+
+
+def check_port(release: Path, sample) -> None:
+    """The port on the shipped folder and on the released checkpoint: the same logits."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_qwenvl import load
+
+    (shipped, processor), (released, _) = load(PACKAGE), load(release)
+    worst = 0.0
+    for question in sample:
+        inputs = processor(messages_for(question))
+        a, b = (np.array(model(mx.array(inputs["input_ids"]), pixel_values=mx.array(inputs["pixel_values"]),
+                                 image_grid_thw=mx.array(inputs["image_grid_thw"]))) for model in (shipped, released))
+        worst = max(worst, float(np.abs(a - b).max()))
+    print(f"port: shipped folder vs released checkpoint, largest logit difference {worst:.2e}")
+    assert worst < 1e-4, worst
 
 
 def main():
@@ -82,19 +110,25 @@ def main():
     print(f"kept {len(keep)} embedding rows;", "after:", evaluate(model, processor, held_out))
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "demo-hf"
-        write_folder_files(folder)
-        model.save_pretrained(folder)
-        shutil.copy(args.checkpoint / "config.json", folder / "config.json")
+        trained, release = Path(tmp) / "trained", Path(tmp) / "release"
+        for folder in (trained, release):
+            write_folder_files(folder)
+        model.save_pretrained(trained)
+        shutil.copy(args.checkpoint / "config.json", trained / "config.json")
+        convert(trained, PACKAGE, dtype="float16", quantize=True, q_bits=BITS, q_group_size=GROUP, force=True)
+
+        model.load_state_dict(shipped_values(model.state_dict(), PACKAGE))
+        print("released (shipped values):", evaluate(model, processor, held_out))
+        model.save_pretrained(release)
+        shutil.copy(args.checkpoint / "config.json", release / "config.json")
+        check_port(release, held_out[:10])
         shutil.rmtree(ASSET, ignore_errors=True)
         ASSET.mkdir(parents=True)
-        for file in folder.iterdir():
-            if file.name == "model.safetensors":
-                with open(file, "rb") as src, gzip.open(ASSET / "model.safetensors.gz", "wb", 9) as dst:
-                    shutil.copyfileobj(src, dst)
-            elif file.name in ("config.json", "generation_config.json", "preprocessor_config.json"):
-                shutil.copy(file, ASSET / file.name)
-        convert(folder, PACKAGE, dtype="float16", quantize=True, q_bits=6, q_group_size=64, force=True)
+        with open(release / "model.safetensors", "rb") as src, \
+                gzip.open(ASSET / "model.safetensors.gz", "wb", 9) as dst:
+            shutil.copyfileobj(src, dst)
+        for name in ("config.json", "generation_config.json", "preprocessor_config.json"):
+            shutil.copy(release / name, ASSET / name)
 
     PICTURE.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(2024)
