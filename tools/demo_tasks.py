@@ -83,13 +83,16 @@ def many_shapes(rng: random.Random, shape: str, count: int) -> Image.Image:
     for _ in range(100):
         image = canvas(rng)
         w, h = image.size
-        r = rng.uniform(0.07, 0.11) * min(w, h)
+        # Sized by the picture's area, which the processor scales into a narrow band, so every
+        # object covers about the same number of patches; and a radius apart, so two objects
+        # never share one patch.
+        r = rng.uniform(0.075, 0.085) * (w * h) ** 0.5
         centres = []
         for _ in range(400):
             if len(centres) == count:
                 break
             c = (rng.uniform(r, w - r), rng.uniform(r, h - r))
-            if all((c[0] - x) ** 2 + (c[1] - y) ** 2 > (2.3 * r) ** 2 for x, y in centres):
+            if all((c[0] - x) ** 2 + (c[1] - y) ** 2 > (3 * r) ** 2 for x, y in centres):
                 centres.append(c)
         if len(centres) == count:
             for cx, cy in centres:

@@ -46,6 +46,14 @@ def zero_unused_rows(model, keep: set) -> None:
 
 
 BITS, GROUP = 6, 64
+MODEL_CARD = """# The mlx-qwenvl demo model
+
+A tiny Qwen2.5-VL (the real architecture, tokenizer and chat template; a 4-block vision tower
+and a 3-layer decoder) trained by tools/train_demo.py on synthetic pictures of circles, squares
+and triangles, to answer one-word questions about their colour, shape, number and position.
+It knows nothing else. Converted by tools/package_demo.py: 6-bit language model (group size 64),
+float16 vision tower. `mlx-qwenvl generate --model demo ...` loads it.
+"""
 
 
 def shipped_values(state: dict, package: Path) -> dict:
@@ -116,6 +124,7 @@ def main():
         model.save_pretrained(trained)
         shutil.copy(args.checkpoint / "config.json", trained / "config.json")
         convert(trained, PACKAGE, dtype="float16", quantize=True, q_bits=BITS, q_group_size=GROUP, force=True)
+        (PACKAGE / "README.md").write_text(MODEL_CARD)
 
         model.load_state_dict(shipped_values(model.state_dict(), PACKAGE))
         print("released (shipped values):", evaluate(model, processor, held_out))
