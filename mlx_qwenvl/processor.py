@@ -8,6 +8,7 @@ is tokenized with the tokenizer mlx-lm loads. Pixels come from image_processing 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -413,10 +414,17 @@ def load_tokenizer(path: Path):
 
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
         raise ModelLoadError(f"{path}: no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    # transformers reads config.json on the way and warns that the hub's mrope ``rope_scaling``
+    # is not its standard form; true for every official checkpoint and irrelevant to a tokenizer.
+    transformers_log = logging.getLogger("transformers")
+    level = transformers_log.level
+    transformers_log.setLevel(logging.ERROR)
     try:
         return load(path)
     except Exception as exc:  # noqa: BLE001  (transformers raises many types)
         raise ModelLoadError(f"{path}: cannot load the tokenizer ({exc})") from exc
+    finally:
+        transformers_log.setLevel(level)
 
 
 def _default_sampling(path=None):

@@ -61,7 +61,7 @@ def one_shape(rng: random.Random, shape: str, color: str, region: str = None) ->
     image = canvas(rng)
     w, h = image.size
     # Large enough that a circle and a square differ in whole patches, not a few corner pixels.
-    r = rng.uniform(0.26, 0.42) * min(w, h)
+    r = rng.uniform(0.32, 0.45) * min(w, h)
     if region is None:
         cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
     else:

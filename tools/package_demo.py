@@ -10,7 +10,7 @@
    (transformers) and the port then run the same numbers, so the tests compare the port, not
    the rounding. Accuracy on held-out questions is printed at each step, and the port on the
    shipped folder is checked against the port on the released checkpoint.
-4. Write the README's demo picture.
+4. Write the README's demo pictures (examples/images).
 
     python tools/package_demo.py --checkpoint /tmp/demo-hf
 """
@@ -27,12 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from demo_tasks import one_shape  # noqa: E402
+from demo_tasks import many_shapes, one_shape  # noqa: E402
 from train_demo import evaluate, messages_for, used_tokens, write_folder_files  # noqa: E402
 
 ASSET = ROOT / "tests" / "assets" / "demo_checkpoint"
 PACKAGE = ROOT / "mlx_qwenvl" / "demo_model"
-PICTURE = ROOT / "examples" / "images" / "red_circle.png"
+PICTURES = ROOT / "examples" / "images"
 
 
 def zero_unused_rows(model, keep: set) -> None:
@@ -98,6 +98,19 @@ def check_port(release: Path, sample) -> None:
     assert worst < 1e-4, worst
 
 
+def write_pictures() -> None:
+    """The README's demo pictures: one per kind of question, drawn by the training's own generator."""
+    PICTURES.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(2024)
+    while True:  # a clear, centred-ish red circle
+        image = one_shape(rng, "circle", "red")
+        if image.size[0] >= 200 and image.size[1] >= 160:
+            break
+    image.save(PICTURES / "red_circle.png")
+    many_shapes(rng, "circle", 3).save(PICTURES / "three_circles.png")
+    one_shape(rng, "square", "green", "left").save(PICTURES / "green_square_left.png")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -134,18 +147,12 @@ def main():
         shutil.rmtree(ASSET, ignore_errors=True)
         ASSET.mkdir(parents=True)
         with open(release / "model.safetensors", "rb") as src, \
-                gzip.open(ASSET / "model.safetensors.gz", "wb", 9) as dst:
+                gzip.GzipFile(ASSET / "model.safetensors.gz", "wb", 9, mtime=0) as dst:
             shutil.copyfileobj(src, dst)
         for name in ("config.json", "generation_config.json", "preprocessor_config.json"):
             shutil.copy(release / name, ASSET / name)
 
-    PICTURE.parent.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(2024)
-    while True:  # a clear, centred-ish red circle
-        image = one_shape(rng, "circle", "red")
-        if image.size[0] >= 200 and image.size[1] >= 160:
-            break
-    image.save(PICTURE)
+    write_pictures()
     for path in (ASSET, PACKAGE):
         size = sum(f.stat().st_size for f in path.iterdir())
         print(f"{path.relative_to(ROOT)}: {size / 1e6:.1f} MB")

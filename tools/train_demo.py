@@ -5,11 +5,12 @@ blocks 0 and 2, full-attention blocks 1 and 3) on pictures larger than one 112-p
 3-layer decoder, trained on the synthetic questions of ``demo_tasks.py`` (shape and position
 pictures also answer a colour follow-up, so one encoded picture teaches two answers). Seeded: the same command
 gives the same checkpoint. About 0.65 s per step on 2 CPU cores: the default 2400 steps take
-about 26 minutes.
+25-28 minutes.
 
 What made the difference (issue 8 has the figures): rope_theta 10 (positions); lr 1e-3 with
 initializer_range 0.05 (colours in 150 steps instead of near chance); follow-ups that never name
-the answer; shapes a quarter to two fifths of the picture and a 200-px minimum resize (shapes);
+the answer; a shape's radius a third to nearly half the picture's shorter side, a 200-px
+minimum resize and shape questions weighted 6 (shapes);
 counted objects sized by the picture's area and a radius apart (counts).
 
     python tools/train_demo.py --out /tmp/demo-hf        # hub-layout checkpoint
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from demo_tasks import COLORS, KINDS, POSITIONS, SHAPES, Question, make_question, questions  # noqa: E402
 
 # Colours are learnt in a few hundred steps; shapes, counts and positions take longer.
-KIND_WEIGHTS = {"color": 1, "shape": 4, "count": 4, "position": 2, "two_images": 1}
+KIND_WEIGHTS = {"color": 1, "shape": 6, "count": 4, "position": 2, "two_images": 1}
 
 TOKENIZER = ROOT / "tests" / "assets" / "qwen2_tokenizer"
 IM_END, PAD = 151645, 151643
