@@ -10,10 +10,12 @@ from tools/demo_tasks.py with a seed the training never used.
 
 import gzip
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import pytest
 import torch
 
 from mlx_qwenvl import generate, load
-from reference import to_torch
+from reference import rel_error, to_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -71,6 +73,28 @@ def answers(reference):
     return rows
 
 
+def test_logits_match_reference(reference):
+    """Answers can agree despite numerical errors; the logits over whole prompts cannot.
+    The shipped folder and the released checkpoint hold the same values, so float32 parity
+    holds as in test_model_parity (||ours - ref|| / ||ref|| <= 1e-4)."""
+    import mlx.core as mx
+
+    model, processor = load("demo")
+    for question in questions(HELD_OUT_SEED, 5):  # one question of each kind
+        inputs = processor(messages_for(question))
+        ids = inputs["input_ids"].astype("int64")
+        ours = model(mx.array(inputs["input_ids"]), pixel_values=mx.array(inputs["pixel_values"]),
+                     image_grid_thw=mx.array(inputs["image_grid_thw"]))
+        with torch.no_grad():
+            theirs = reference(
+                input_ids=to_torch(ids), mm_token_type_ids=to_torch((ids == 151655).astype("int64")),
+                pixel_values=to_torch(inputs["pixel_values"]), image_grid_thw=to_torch(inputs["image_grid_thw"]),
+            ).logits.cpu().numpy()
+        error = rel_error(ours, theirs)
+        print(question.kind, f"logits relative error {error:.1e}")
+        assert error <= 1e-4, question.kind
+
+
 def test_port_agrees_with_reference(answers):
     agree = sum(ours == theirs for _, _, ours, theirs in answers)
     print(f"agreement {agree}/{len(answers)}")
@@ -112,8 +136,28 @@ def test_readme_first_commands_in_a_fresh_venv(tmp_path):
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, env=env,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "red"
+    assert result.stdout.strip() == readme_first_answer()
     assert result.stderr == ""
+
+
+def readme_first_answer() -> str:
+    """What the README says its first demo command prints: "prints `red`"."""
+    return re.search(r"^prints `([^`]+)`", (ROOT / "README.md").read_text(), re.MULTILINE).group(1)
+
+
+def test_wheel_ships_the_demo_model(tmp_path):
+    """An editable install reads the checkout; a wheel must carry the demo folder itself."""
+    # From a copy: setuptools builds in the source tree and never prunes a stale build/ there.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".ci-venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "out"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
+                   check=True, capture_output=True, timeout=600)
+    (wheel,) = tmp_path.glob("mlx_qwenvl-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {name for name in archive.namelist() if name.startswith("mlx_qwenvl/demo_model/")}
+    expected = {f"mlx_qwenvl/demo_model/{file.name}" for file in (ROOT / "mlx_qwenvl" / "demo_model").iterdir()}
+    assert shipped == expected
 
 
 def readme_demo_examples() -> list[tuple[str, str]]:
