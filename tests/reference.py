@@ -129,3 +129,24 @@ def to_torch(array, dtype=None):
     tensor = torch.from_numpy(np.ascontiguousarray(np.asarray(array)))
     tensor = tensor.to(reference_device())
     return tensor if dtype is None else tensor.to(dtype)
+
+
+IMAGE_TOKEN = 151655
+STOP = [151645, 151643]  # <|im_end|>, <|endoftext|>
+
+
+def reference_inputs(inputs) -> dict:
+    """Our processor's output as the reference's keyword arguments (v5 wants mm_token_type_ids)."""
+    ids = inputs["input_ids"].astype(np.int64)
+    kwargs = dict(input_ids=to_torch(ids), mm_token_type_ids=to_torch((ids == IMAGE_TOKEN).astype(np.int64)))
+    if inputs.get("pixel_values") is not None:
+        kwargs.update(pixel_values=to_torch(inputs["pixel_values"]), image_grid_thw=to_torch(inputs["image_grid_thw"]))
+    return kwargs
+
+
+def reference_generate(ref, inputs, max_new_tokens) -> list:
+    """The reference's greedy continuation of our processor's prompt, as token ids."""
+    with torch.no_grad():
+        out = ref.generate(**reference_inputs(inputs), max_new_tokens=max_new_tokens, do_sample=False,
+                           eos_token_id=STOP, pad_token_id=151643)
+    return out[0, inputs["input_ids"].shape[1]:].cpu().tolist()

@@ -20,11 +20,12 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 import torch
 
 from mlx_qwenvl import generate, load
-from reference import rel_error, to_torch
+from reference import reference_device, reference_generate, reference_inputs, rel_error
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -33,7 +34,7 @@ from demo_tasks import KINDS, questions  # noqa: E402
 from train_demo import messages_for, write_folder_files  # noqa: E402
 
 HELD_OUT_SEED = 20261128  # training used 0 (questions) and 10000 (its own evaluation)
-STOP = [151645, 151643]
+README = (ROOT / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -50,47 +51,38 @@ def reference(tmp_path_factory):
         else:
             shutil.copy(file, folder / file.name)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).float().eval()
-    return model.to(to_torch([0]).device)
+    return model.to(reference_device())
 
 
 @pytest.fixture(scope="module")
-def answers(reference):
-    model, processor = load("demo")
+def demo():
+    return load("demo")
+
+
+@pytest.fixture(scope="module")
+def answers(reference, demo):
+    model, processor = demo
     rows = []
     for question in questions(HELD_OUT_SEED, 200):
         messages = messages_for(question)
         ours = generate(model, processor, messages, max_tokens=4, temperature=0.0).text.strip()
-        inputs = processor(messages)
-        ids = inputs["input_ids"].astype("int64")
-        with torch.no_grad():
-            out = reference.generate(
-                input_ids=to_torch(ids), mm_token_type_ids=to_torch((ids == 151655).astype("int64")),
-                pixel_values=to_torch(inputs["pixel_values"]),
-                image_grid_thw=to_torch(inputs["image_grid_thw"]),
-                max_new_tokens=4, do_sample=False, eos_token_id=STOP, pad_token_id=151643,
-            )
-        theirs = processor.tokenizer.decode(out[0, ids.shape[1]:].cpu().tolist(), skip_special_tokens=True)
+        theirs = processor.tokenizer.decode(reference_generate(reference, processor(messages), 4),
+                                            skip_special_tokens=True)
         rows.append((question.kind, question.answer, ours, theirs.strip()))
     return rows
 
 
-def test_logits_match_reference(reference):
+def test_logits_match_reference(reference, demo):
     """Answers can agree despite numerical errors; the logits over whole prompts cannot.
     The shipped folder and the released checkpoint hold the same values, so float32 parity
     holds as in test_model_parity (||ours - ref|| / ||ref|| <= 1e-4)."""
-    import mlx.core as mx
-
-    model, processor = load("demo")
+    model, processor = demo
     for question in questions(HELD_OUT_SEED, 5):  # one question of each kind
         inputs = processor(messages_for(question))
-        ids = inputs["input_ids"].astype("int64")
         ours = model(mx.array(inputs["input_ids"]), pixel_values=mx.array(inputs["pixel_values"]),
                      image_grid_thw=mx.array(inputs["image_grid_thw"]))
         with torch.no_grad():
-            theirs = reference(
-                input_ids=to_torch(ids), mm_token_type_ids=to_torch((ids == 151655).astype("int64")),
-                pixel_values=to_torch(inputs["pixel_values"]), image_grid_thw=to_torch(inputs["image_grid_thw"]),
-            ).logits.cpu().numpy()
+            theirs = reference(**reference_inputs(inputs)).logits.cpu().numpy()
         error = rel_error(ours, theirs)
         print(question.kind, f"logits relative error {error:.1e}")
         assert error <= 1e-4, question.kind
@@ -116,8 +108,7 @@ def test_accuracy_per_question_type(answers):
 
 def readme_first_commands() -> list[str]:
     """The lines of the README's first bash block: install, then the demo command."""
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    block = README.split("```bash\n", 1)[1].split("```", 1)[0]
     return [line for line in block.splitlines() if line.strip()]
 
 
@@ -143,7 +134,7 @@ def test_readme_first_commands_in_a_fresh_venv(tmp_path):
 
 def readme_first_answer() -> str:
     """What the README says its first demo command prints: "prints `red`"."""
-    return re.search(r"^prints `([^`]+)`", (ROOT / "README.md").read_text(), re.MULTILINE).group(1)
+    return re.search(r"^prints `([^`]+)`", README, re.MULTILINE).group(1)
 
 
 def test_wheel_ships_the_demo_model(tmp_path):
@@ -163,8 +154,7 @@ def test_wheel_ships_the_demo_model(tmp_path):
 
 def readme_demo_examples() -> list[tuple[str, str]]:
     """The README's further demo commands, each with its answer in a trailing comment."""
-    readme = (ROOT / "README.md").read_text()
-    lines = [line for line in readme.splitlines() if line.startswith("mlx-qwenvl generate --model demo")]
+    lines = [line for line in README.splitlines() if line.startswith("mlx-qwenvl generate --model demo")]
     return [tuple(part.strip() for part in line.split("  # ")) for line in lines if "  # " in line]
 
 

@@ -3,17 +3,13 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mlx_qwenvl.chat import ChatSession
 from mlx_qwenvl.errors import InputError
 from mlx_qwenvl.generate import generate, make_cache, stream_generate, stream_tokens
 from mlx_qwenvl.loading import load
-from reference import to_torch
-
-IMAGE_TOKEN, VIDEO_TOKEN = 151655, 151656
-STOP = [151645, 151643]
+from reference import STOP, reference_generate
 
 
 def picture(height, width, seed):
@@ -24,18 +20,6 @@ def picture(height, width, seed):
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
     return load(tiny_model_dir, dtype=mx.float32)
-
-
-def reference_generate(ref, inputs, max_new_tokens):
-    ids = inputs["input_ids"].astype(np.int64)
-    kwargs = dict(input_ids=to_torch(ids), mm_token_type_ids=to_torch((ids == IMAGE_TOKEN).astype(np.int64)))
-    if inputs.get("pixel_values") is not None:
-        kwargs.update(pixel_values=to_torch(inputs["pixel_values"]),
-                      image_grid_thw=to_torch(inputs["image_grid_thw"]))
-    with torch.no_grad():
-        out = ref.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False,
-                           eos_token_id=STOP, pad_token_id=151643)
-    return out[0, ids.shape[1]:].cpu().tolist()
 
 
 @pytest.mark.parametrize("with_image", [False, True])
