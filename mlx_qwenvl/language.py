@@ -4,9 +4,15 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
 from .config import TextArgs
+
+
+def rope_kernel_is_fused() -> bool:
+    """``mx.fast.rope`` is one kernel on Metal and CUDA; the CPU backend composes it from ops."""
+    return mx.default_device() != mx.cpu
 
 
 class MRoPE:
@@ -14,7 +20,7 @@ class MRoPE:
 
     Frequency i of the 64 uses the temporal id for i < 16, the row id for i < 40, else the
     column id ([16, 24, 24]), duplicated over the two NeoX halves. When the three ids are
-    equal (text, and every decoding step) it is ordinary RoPE, taken by ``mx.fast.rope``.
+    equal (text, and every decoding step) it is ordinary RoPE: see :meth:`text_rope`.
     """
 
     def __init__(self, head_dim: int, base: float, sections):
@@ -35,6 +41,17 @@ class MRoPE:
         )
         angles = mx.concatenate([freqs, freqs], axis=-1)[:, None]
         # As the reference: angles in float32, cos/sin cast to the activation dtype.
+        return mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
+
+    def text_rope(self, offset: int, length: int, dtype):
+        """The rotation of text positions ``offset, offset + 1, ...``: an offset for
+        ``mx.fast.rope`` where it is one kernel; on the CPU its fallback recomputes the angles
+        in every call, so there the cos/sin are computed once for all layers (one rotation
+        60 -> 21 us, a deep-thin decoding step 32 -> 21 ms in float32)."""
+        if rope_kernel_is_fused():
+            return offset
+        freqs = mx.arange(offset, offset + length, dtype=mx.float32)[:, None] * self.inv_freq
+        angles = mx.concatenate([freqs, freqs], axis=-1)
         return mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
 
     def __call__(self, x: mx.array, rope) -> mx.array:
@@ -80,7 +97,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -112,7 +129,7 @@ class Qwen2Model(nn.Module):
         if position_ids is not None:
             rope: Any = self._rotary.cos_sin(position_ids, h.dtype)
         else:
-            rope = position_offset
+            rope = self._rotary.text_rope(position_offset, h.shape[1], h.dtype)
         mask = create_attention_mask(h, cache[0])
         for layer, layer_cache in zip(self.layers, cache):
             h = layer(h, self._rotary, rope, mask, layer_cache)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlx_lm.models.cache import make_prompt_cache
 
+from mlx_qwenvl import language
 from mlx_qwenvl.loading import load_model
 from reference import make_reference, rel_error, save_reference, to_torch, tiny_config
 
@@ -207,6 +208,24 @@ def test_greedy_decode_matches_reference_generate(tiny_reference, fp32_model):
         logits = fp32_model(token[None], cache)
     assert fp32_model.rope_delta < 0
     assert tokens == expected
+
+
+@pytest.mark.parametrize("fused_rope", [False, True], ids=["cos-sin", "fast-rope"])
+def test_text_prompt_and_cached_steps_fp32(tiny_reference, fp32_model, monkeypatch, fused_rope):
+    """Text-only positions take plain RoPE by either path (``mx.fast.rope``'s offset where it is
+    one kernel, cos/sin computed once per call on the CPU): a prompt, then one token at a time
+    on the cache, against the reference's logits for the whole sequence."""
+    monkeypatch.setattr(language, "rope_kernel_is_fused", lambda: fused_rope)
+    ids, _ = build_prompt([])
+    with torch.no_grad():
+        expected = tiny_reference[0](input_ids=to_torch(ids)).logits.float().cpu().numpy()
+    cache = make_prompt_cache(fp32_model)
+    split = 10
+    ours = [fp32_model(ids[:, :split], cache)]
+    ours += [fp32_model(mx.array(ids[:, i : i + 1]), cache) for i in range(split, ids.shape[1])]
+    error = rel_error(mx.concatenate(ours, axis=1), expected)
+    print(f"text, {'fast rope' if fused_rope else 'cos/sin'}: fp32 logits rel error {error:.2e}")
+    assert error <= FP32_TOLERANCE
 
 
 def test_image_position_ids_match_reference(tiny_reference, fp32_model):
