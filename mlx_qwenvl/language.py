@@ -39,9 +39,7 @@ class MRoPE:
             [freqs[axis, ..., lo:hi] for axis, (lo, hi) in enumerate(zip(self.bounds, self.bounds[1:]))],
             axis=-1,
         )
-        angles = mx.concatenate([freqs, freqs], axis=-1)[:, None]
-        # As the reference: angles in float32, cos/sin cast to the activation dtype.
-        return mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
+        return self._cos_sin(freqs[:, None], dtype)
 
     def text_rope(self, offset: int, length: int, dtype):
         """The rotation of text positions ``offset, offset + 1, ...``: an offset for
@@ -50,7 +48,13 @@ class MRoPE:
         60 -> 21 us, a deep-thin decoding step 32 -> 21 ms in float32)."""
         if rope_kernel_is_fused():
             return offset
-        freqs = mx.arange(offset, offset + length, dtype=mx.float32)[:, None] * self.inv_freq
+        positions = mx.arange(offset, offset + length, dtype=mx.float32)
+        return self._cos_sin(positions[:, None] * self.inv_freq, dtype)
+
+    @staticmethod
+    def _cos_sin(freqs: mx.array, dtype) -> tuple:
+        """Angles of the 64 frequencies -> cos, sin over both NeoX halves. As the reference:
+        angles in float32, cos/sin cast to the activation dtype."""
         angles = mx.concatenate([freqs, freqs], axis=-1)
         return mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
 

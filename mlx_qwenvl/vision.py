@@ -12,6 +12,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.activations import swiglu
 
 from .config import VisionArgs
 
@@ -228,7 +229,7 @@ class VisionMLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         with_float32 = _float32_for_float16(x)
-        out = self.down_proj(nn.silu(self.gate_proj(with_float32)) * self.up_proj(with_float32))
+        out = self.down_proj(swiglu(self.gate_proj(with_float32), self.up_proj(with_float32)))
         return _back_to(out, x.dtype)
 
 
