@@ -48,7 +48,7 @@ class ChatSession:
         answer_ids, answer = [], ""
         try:
             for response in stream_tokens(self.model, self.processor, inputs, self.cache,
-                                          **generation_kwargs):
+                                          history=self.tokens, **generation_kwargs):
                 answer_ids.append(response.token)
                 answer += response.text
                 yield response

@@ -209,8 +209,17 @@ def run_chat_command(line, session, pending, processor, min_pixels, max_pixels) 
     return True
 
 
+def media_count(pending) -> str:
+    """'1 image', '2 images and 1 video', ... for the media waiting for the next question."""
+    parts = [f"{len(items)} {kind[:-1] if len(items) == 1 else kind}"
+             for kind, items in pending.items() if items]
+    return " and ".join(parts)
+
+
 def answer_turn(session, text, pending, options) -> None:
-    response, turns = None, len(session.messages)
+    """Stream one answer. Attached media go with the turn once it is in the conversation; a
+    turn undone (Ctrl-C during prefill, a failure) keeps or drops them, and says which."""
+    response, turns, failed = None, len(session.messages), False
     stream = session.stream(text, pending["images"], pending["videos"], **sampling_kwargs(options))
     try:
         for response in stream:
@@ -220,20 +229,23 @@ def answer_turn(session, text, pending, options) -> None:
     except KeyboardInterrupt:
         click.echo("\n(stopped)")
     except Exception as error:  # noqa: BLE001 - a failed turn must not end the conversation
+        failed = True
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if not isinstance(error, QwenVLError):
             message = f"{type(error).__name__}: {message}"
         click.echo(f"\nerror: {message}", err=True)
-        if isinstance(error, QwenVLError):  # the attached media were the problem: drop them
+        if isinstance(error, QwenVLError) and media_count(pending):  # the media may be the problem
+            click.echo(f"({media_count(pending)} dropped; attach again with /image or /video)")
             pending["images"].clear()
             pending["videos"].clear()
-        return
     finally:
         stream.close()  # the session keeps what was answered so far
-    if len(session.messages) > turns:  # the images went into the conversation
+    if len(session.messages) > turns:  # the media went into the conversation
         pending["images"].clear()
         pending["videos"].clear()
-    if response is not None:
+    elif media_count(pending):
+        click.echo(f"({media_count(pending)} still attached to your next question; /clear drops attachments)")
+    if response is not None and not failed:
         click.echo(f"[{stats_line(response)}]", err=True)
 
 

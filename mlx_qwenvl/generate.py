@@ -4,13 +4,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from .errors import InputError
 
@@ -46,7 +47,7 @@ class GenerationResult:
 @dataclass
 class SamplingDefaults:
     temperature: float = 0.0
-    top_p: float = 0.0
+    top_p: float = 1.0  # 1.0 keeps every token, as transformers' default
     top_k: int = 0
     repetition_penalty: Optional[float] = None
     eos_token_ids: set = field(default_factory=set)
@@ -64,7 +65,7 @@ class SamplingDefaults:
             return cls(eos_token_ids=eos, repetition_penalty=config.get("repetition_penalty"))
         return cls(
             temperature=float(config.get("temperature", 1.0)),
-            top_p=float(config.get("top_p", 0.0) or 0.0),
+            top_p=float(config.get("top_p", 1.0)),
             top_k=int(config.get("top_k", 0) or 0),
             repetition_penalty=config.get("repetition_penalty"),
             eos_token_ids=eos,
@@ -80,22 +81,140 @@ def stop_token_ids(processor) -> set:
     return ids
 
 
-def _sampling(processor, temperature, top_p, top_k, min_p, repetition_penalty):
+# Each sampling option: its CLI flag, what it accepts and the rule in words.
+SAMPLING_RULES = {
+    "temperature": ("--temp", lambda v: v >= 0, "must be 0 (greedy) or more"),
+    "top_p": ("--top-p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "top_k": ("--top-k", lambda v: v >= 0, "must be 0 (off) or more"),
+    "min_p": ("--min-p", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "repetition_penalty": ("--repetition-penalty", lambda v: v > 0, "must be more than 0"),
+}
+
+
+def check_sampling(**values) -> None:
+    """Refuse values that mlx-lm's samplers would take silently (a negative temperature samples
+    from the inverted distribution) or fail on obscurely; None means unset.
+
+    Raises:
+        InputError: the first value outside its range, naming the option.
+    """
+    for name, value in values.items():
+        flag, ok, rule = SAMPLING_RULES[name]
+        if value is not None and not ok(value):
+            raise InputError(f"{name} ({flag}) {rule}, got {value}")
+
+
+def make_penalty(penalty: Optional[float], context_ids: Sequence[int],
+                 context_size: Optional[int] = None):
+    """transformers' repetition penalty, by default over the whole sequence.
+
+    transformers' ``RepetitionPenaltyLogitsProcessor`` divides (multiplies, when negative) the
+    logit of every distinct id in ``input_ids``: the whole prompt, earlier turns included, and
+    the answer so far. mlx-lm's loop hands its processors only the last prompt token and the
+    answer, so ``context_ids`` (every id before the last prompt token) is prepended on the
+    device; distinct ids only, so a long prompt costs at most one gather over the vocabulary.
+    ``context_size`` limits the penalty to the last that many ids, as mlx-lm's option.
+
+    Returns None when there is no penalty (None or 1.0).
+    """
+    if penalty is None or penalty == 1.0:
+        return None
+    ids = np.asarray(context_ids, dtype=np.int32).reshape(-1)
+    if context_size is None:
+        prefix, size = np.unique(ids), None
+    else:
+        prefix, size = ids[max(0, len(ids) - context_size):], context_size
+    prefix = mx.array(prefix)
+    # A context size beyond any sequence: mlx-lm's processor then keeps every id it is given.
+    penalize = make_repetition_penalty(penalty, context_size=size or 2**31 - 1)
+
+    def processor(tokens, logits):
+        return penalize(mx.concatenate([prefix, tokens]), logits)
+
+    return processor
+
+
+def _sampling(processor, model, temperature, top_p, top_k, min_p):
     defaults = processor.sampling_defaults
-    sampler = make_sampler(
-        temp=defaults.temperature if temperature is None else temperature,
-        top_p=defaults.top_p if top_p is None else top_p,
-        top_k=defaults.top_k if top_k is None else top_k,
-        min_p=min_p,
+    temperature = defaults.temperature if temperature is None else temperature
+    top_p = defaults.top_p if top_p is None else top_p
+    top_k = defaults.top_k if top_k is None else top_k
+    check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+    # transformers' TopKLogitsWarper keeps min(top_k, vocabulary): a larger top_k filters nothing.
+    if top_k >= model.args.text.vocab_size:
+        top_k = 0
+    return make_sampler(temp=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+
+
+def check_kv_bits(model, kv_bits: Optional[int], kv_group_size: int) -> None:
+    """A quantized KV cache quantizes along the head dimension, in groups.
+
+    Raises:
+        InputError: the model's head size is not a multiple of ``kv_group_size``.
+    """
+    if kv_bits is None:
+        return
+    head_dim = model.args.text.head_dim
+    if head_dim % kv_group_size == 0:
+        return
+    fits = [size for size in (32, 64, 128) if head_dim % size == 0]
+    advice = (f"use --kv-group-size {fits[-1]}" if fits
+              else "this model cannot use a quantized KV cache; drop --kv-bits")
+    raise InputError(
+        f"--kv-bits quantizes keys and values in groups of --kv-group-size {kv_group_size}, "
+        f"which must divide the model's head size {head_dim}: {advice}"
     )
-    penalty = defaults.repetition_penalty if repetition_penalty is None else repetition_penalty
-    processors = make_logits_processors(repetition_penalty=penalty) if penalty and penalty != 1.0 else None
-    return sampler, processors
 
 
-def with_prompt_context(processors, prompt_ids, keep: int = 256):
-    prefix = mx.array(prompt_ids[-keep:].astype(np.int32))
-    return [lambda tokens, logits, p=p: p(mx.concatenate([prefix, tokens]), logits) for p in processors]
+def exact_detokenizer(tokenizer):
+    """mlx-lm's streaming detokenizer without its trim of the first token's leading space, so
+    the streamed text equals ``tokenizer.decode`` of the same ids."""
+    detokenizer = tokenizer.detokenizer  # a fresh copy per access
+    if hasattr(detokenizer, "trim_space"):  # SPM
+        detokenizer.trim_space = False
+    if isinstance(detokenizer, BPEStreamingDetokenizer):
+        detokenizer._maybe_trim_space = lambda text: text
+    return detokenizer
+
+
+class AnswerText:
+    """The answer's text as it may be released: exact detokenization, and never a character
+    of a stop string. Text that could still begin a stop string is held until the next
+    tokens settle it; any other text is released at once."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.detokenizer = exact_detokenizer(tokenizer)
+        self.stop = [s for s in stop or () if s]
+        self.held = ""
+        self.stopped = False  # a stop string completed
+
+    def add(self, token: Optional[int], final: bool = False) -> str:
+        """Add ``token`` (None: no text, e.g. an end-of-sequence id) and return the text it
+        releases; ``final`` releases everything that is not part of a stop string."""
+        if token is not None:
+            self.detokenizer.add_token(token)
+        if final:
+            self.detokenizer.finalize()
+        self.held += self.detokenizer.last_segment
+        found = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
+        if found:
+            self.stopped = True
+            released, self.held = self.held[: min(found)], ""
+            return released
+        keep = 0 if final else _stop_prefix_length(self.held, self.stop)
+        released, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
+        return released
+
+
+def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest end of ``text`` that begins some stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
 
 
 def context_length(model) -> int:
@@ -108,19 +227,29 @@ def stream_tokens(
     inputs: dict,
     prompt_cache: list,
     *,
+    history: Sequence[int] = (),
     max_tokens: int = 256,
     temperature: Optional[float] = None,
     top_p: Optional[float] = None,
     top_k: Optional[int] = None,
     min_p: float = 0.0,
     repetition_penalty: Optional[float] = None,
+    repetition_context_size: Optional[int] = None,
     seed: Optional[int] = None,
     stop: Optional[List[str]] = None,
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
     prefill_step_size: int = 2048,
 ) -> Iterator[GenerationResponse]:
-    """Continue ``prompt_cache`` with processed ``inputs`` and stream the answer."""
+    """Continue ``prompt_cache`` with processed ``inputs`` and stream the answer.
+
+    ``history`` is the ids ``prompt_cache`` already holds (earlier turns): the repetition
+    penalty sees them, as the reference does when given the whole conversation.
+
+    Raises:
+        InputError: the prompt is empty, ends in an image or video, or does not fit the
+            context; a sampling option is out of range; kv_bits cannot be used here.
+    """
     ids = np.asarray(inputs["input_ids"]).reshape(1, -1)
     offset = prompt_cache[0].offset
     total = offset + ids.shape[1]
@@ -136,15 +265,18 @@ def stream_tokens(
         raise InputError("the prompt must end with text after its last image or video")
     if kv_bits is not None and any(isinstance(c, RotatingKVCache) for c in prompt_cache):
         raise InputError("a quantized KV cache (kv_bits) cannot be combined with max_kv_size")
+    check_kv_bits(model, kv_bits, kv_group_size)
+    sampler = _sampling(processor, model, temperature, top_p, top_k, min_p)
+    if repetition_penalty is None:
+        repetition_penalty = processor.sampling_defaults.repetition_penalty
+    check_sampling(repetition_penalty=repetition_penalty)
+    # mlx-lm's loop only sees the last prompt token: the penalty gets the rest from here.
+    context_ids = np.concatenate([np.asarray(history, dtype=np.int64), ids[0, :-1]])
+    penalty = make_penalty(repetition_penalty, context_ids, repetition_context_size)
     if seed is not None:
         mx.random.seed(seed)
-    sampler, logits_processors = _sampling(processor, temperature, top_p, top_k, min_p, repetition_penalty)
-    if logits_processors:
-        # mlx-lm's loop only sees the last prompt token: let the penalties see the prompt too.
-        logits_processors = with_prompt_context(logits_processors, ids[0, :-1])
     stop_ids = stop_token_ids(processor)
-    detokenizer = processor.tokenizer.detokenizer
-    detokenizer.reset()
+    text = AnswerText(processor.tokenizer, stop)
     mx.reset_peak_memory()
 
     tic = time.perf_counter()
@@ -157,7 +289,7 @@ def stream_tokens(
         model,
         max_tokens=max_tokens,
         sampler=sampler,
-        logits_processors=logits_processors,
+        logits_processors=[penalty] if penalty else None,
         prompt_cache=prompt_cache,
         kv_bits=kv_bits,
         kv_group_size=kv_group_size,
@@ -165,29 +297,15 @@ def stream_tokens(
     )
     prompt_tokens = ids.shape[1]
     prompt_tps = generation_tic = None
-    text = ""
     for n, (token, _) in enumerate(steps):
         token = int(token)
         if n == 0:
             prompt_tps = prompt_tokens / (time.perf_counter() - tic)
             generation_tic = time.perf_counter()
-        finish = None
-        if token in stop_ids:
-            finish = "stop"
-        elif n + 1 >= max_tokens:
-            finish = "length"
-        piece = ""
-        if token not in stop_ids:
-            detokenizer.add_token(token)
-            piece = detokenizer.last_segment
-        if finish:
-            detokenizer.finalize()
-            piece += detokenizer.last_segment
-        text += piece
-        hit = next((s for s in stop or () if s in text), None)
-        if hit:
-            cut = text.index(hit)
-            piece = piece[: max(0, len(piece) - (len(text) - cut))]
+        end = token in stop_ids
+        finish = "stop" if end else "length" if n + 1 >= max_tokens else None
+        piece = text.add(None if end else token, final=finish is not None)
+        if text.stopped:
             finish = "stop"
         elapsed = time.perf_counter() - generation_tic
         yield GenerationResponse(
@@ -222,8 +340,9 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """Stream an answer to ``prompt`` (a string or chat messages) with optional images/videos.
 
-    Keyword arguments: max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
-    stop, kv_bits, kv_group_size, prefill_step_size.
+    Keyword arguments: max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
+    repetition_context_size (None: the whole sequence, as transformers), seed, stop, kv_bits,
+    kv_group_size, prefill_step_size; see ``stream_tokens``.
     """
     inputs = processor(prompt, images=images, videos=videos, min_pixels=min_pixels, max_pixels=max_pixels)
     yield from stream_tokens(model, processor, inputs, make_cache(model, max_kv_size), **kwargs)

@@ -147,16 +147,6 @@ def test_quantized_cache_with_rotating_cache_is_refused(loaded):
         generate(model, processor, "Hi", max_tokens=2, kv_bits=4, max_kv_size=64)
 
 
-def test_penalties_see_the_prompt():
-    from mlx_qwenvl.generate import with_prompt_context
-
-    seen = []
-    [wrapped] = with_prompt_context([lambda tokens, logits: seen.append(tokens.tolist()) or logits],
-                                    np.array([5, 6, 7, 8]), keep=3)
-    wrapped(mx.array([9], dtype=mx.int32), mx.zeros((1, 10)))
-    assert seen == [[6, 7, 8, 9]]
-
-
 def test_float16_vision_tower_stays_finite_and_close(tiny_reference):
     """float16 runs the vision MLP and merger in float32 (they overflow float16 on real images)."""
     from mlx_qwenvl.loading import load_model
