@@ -28,7 +28,7 @@ import signal
 import struct
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -36,7 +36,7 @@ import click
 import mlx.core as mx
 import numpy as np
 
-from .config import ModelArgs
+from .config import ModelArgs, VisionArgs
 from .errors import ModelLoadError, QwenVLError
 from .loading import _short_list, model_skeleton, read_config, resolve_model_path, sanitize, weight_files, weight_layout
 from .model import Model
@@ -397,7 +397,9 @@ def mlx_config(config: dict, args: ModelArgs, quantization: Optional[dict]) -> d
     ``text_config``), so the text sizes, ``rope_theta``, ``rope_scaling`` with its
     ``type`` and an explicit ``tie_word_embeddings`` must be at the root, even for a
     transformers-5 source that keeps them only in ``text_config``. ``text_config`` gets
-    the same keys (the dual layout); ``vision_config`` is kept as is.
+    the same keys (the dual layout); ``vision_config`` keeps its keys and gets every
+    parsed one it lacks. So the config is complete whatever was read (a transformers save
+    leaves class defaults out): it loads the same without any defaults, here or elsewhere.
     """
     config = json.loads(json.dumps(config))
     nested = config.get("text_config") or {}
@@ -435,12 +437,25 @@ def mlx_config(config: dict, args: ModelArgs, quantization: Optional[dict]) -> d
     text_config = {k: v for k, v in config.items() if k not in skip}
     text_config["model_type"] = nested.get("model_type", config.get("model_type"))
     config["text_config"] = text_config
+    config["vision_config"] = _complete_vision(config.get("vision_config") or {}, args.vision)
     for key in ("torch_dtype", "dtype"):
-        (config.get("vision_config") or {}).pop(key, None)
+        config["vision_config"].pop(key, None)
     if quantization:
         config["quantization"] = dict(quantization)
         config["quantization_config"] = dict(quantization)
     return dict(sorted(config.items()))
+
+
+def _complete_vision(vision: dict, args: VisionArgs) -> dict:
+    """``vision`` with every VisionArgs value it lacks (the hub's ``in_chans`` counts for
+    ``in_channels``, as it does when we read it)."""
+    vision = dict(vision)
+    for key, value in asdict(args).items():
+        if key == "in_channels" and vision.get("in_chans") is not None:
+            continue
+        if vision.get(key) is None:
+            vision[key] = list(value) if isinstance(value, tuple) else value
+    return vision
 
 
 def model_card(hf_path: str, source: Source, plan: Plan, upload_repo: Optional[str], quantize_vision) -> str:
