@@ -1,8 +1,10 @@
 """Chat messages, images and videos to Qwen2.5-VL model inputs, as ``Qwen2_5_VLProcessor`` builds them.
 
 The prompt is rendered with the model folder's chat template (jinja2, configured as transformers
-configures it); every ``<|image_pad|>`` / ``<|video_pad|>`` is expanded to t*h*w/4 copies; the text
-is tokenized with the tokenizer mlx-lm loads. Pixels come from image_processing / video_processing.
+configures it; a text-model template that cannot render images gets text as strings, and prompts with
+images or videos use the built-in Qwen2.5-VL template instead); every ``<|image_pad|>`` /
+``<|video_pad|>`` is expanded to t*h*w/4 copies; the text is tokenized with the tokenizer mlx-lm
+loads. Pixels come from image_processing / video_processing.
 """
 
 from __future__ import annotations
@@ -38,9 +40,16 @@ from .video_processing import VIDEO_OPTIONS, fetch_video, probe_video, process_v
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
 IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+# What a template must render for one image / video part, for the model to see it.
+VISION_PLACEHOLDERS = {
+    "image": "<|vision_start|><|image_pad|><|vision_end|>",
+    "video": "<|vision_start|><|video_pad|><|vision_end|>",
+}
 
-# The Qwen2.5-VL chat template (chat_template.json of the hub checkpoints), used only when a model
-# folder carries no template at all.
+log = logging.getLogger(__name__)
+
+# The Qwen2.5-VL chat template (chat_template.json of the hub checkpoints), used when a model folder
+# carries no template, and for images and videos when the folder's template cannot render them.
 DEFAULT_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -122,19 +131,34 @@ def _read_json(file: Path) -> dict:
 
 def find_chat_template(path, tokenizer=None) -> str:
     """The template of a model folder: chat_template.jinja, chat_template.json, tokenizer_config.json, else the built-in one."""
+    return locate_chat_template(path, tokenizer)[0]
+
+
+def locate_chat_template(path, tokenizer=None) -> tuple[str, str | None]:
+    """``(template, source)``: the folder's template as ``find_chat_template`` picks it, and the file it
+    came from (the folder for the tokenizer's own template, None for the built-in one).
+
+    Raises ModelLoadError if a template file cannot be read.
+    """
     path = Path(path)
     if (file := path / "chat_template.jinja").is_file():
-        return file.read_text(encoding="utf-8")
-    if (file := path / "chat_template.json").is_file():
-        template = _read_json(file).get("chat_template")
-        if template:
-            return template
-    if (file := path / "tokenizer_config.json").is_file():
-        template = _named_template(_read_json(file).get("chat_template"))
-        if template:
-            return template
+        return _read_text(file), str(file)
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (file := path / name).is_file():
+            template = _named_template(_read_json(file).get("chat_template"))
+            if template:
+                return template, str(file)
     template = _named_template(getattr(tokenizer, "chat_template", None))
-    return template or DEFAULT_CHAT_TEMPLATE
+    if template:
+        return template, str(path)
+    return DEFAULT_CHAT_TEMPLATE, None
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{file}: cannot read the chat template ({exc})") from exc
 
 
 def _named_template(template):
@@ -144,8 +168,11 @@ def _named_template(template):
     return template if isinstance(template, str) else None
 
 
-def compile_template(template: str):
-    """A jinja2 template set up as transformers does (sandboxed, trim/lstrip blocks, loopcontrols, tojson)."""
+def compile_template(template: str, source: str | None = None):
+    """A jinja2 template set up as transformers does (sandboxed, trim/lstrip blocks, loopcontrols, tojson).
+
+    Raises ModelLoadError, naming ``source`` (the template's file), if the template has a syntax error.
+    """
     import jinja2  # noqa: PLC0415  (a dependency of mlx-lm)
     from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
 
@@ -162,7 +189,69 @@ def compile_template(template: str):
     try:
         return env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as exc:
-        raise ModelLoadError(f"chat template: syntax error ({exc})") from exc
+        problem = f"syntax error at line {exc.lineno}: {_one_line(exc.message or exc)}"
+        raise ModelLoadError(_template_error(source, problem)) from exc
+
+
+def render_template(template, source: str | None, messages, **context) -> str:
+    """``template`` rendered for ``messages``.
+
+    Raises InputError naming ``source`` for any failure of the template (a TypeError of a template that
+    expects string content, an undefined attribute, its own raise_exception, ...).
+    """
+    import jinja2  # noqa: PLC0415
+
+    try:
+        return template.render(messages=messages, **context)
+    except Exception as exc:  # noqa: BLE001  (a template can fail with any Python error)
+        reason = _one_line(exc)
+        if not isinstance(exc, jinja2.exceptions.TemplateError):
+            reason = f"{type(exc).__name__}: {reason}"
+        raise InputError(_template_error(source, f"error: {reason}")) from exc
+
+
+def _template_error(source: str | None, problem: str) -> str:
+    """'<file>: chat template <problem>', or 'chat template: <problem>' for a template given as a string."""
+    return f"{source}: chat template {problem}" if source else f"chat template: {problem}"
+
+
+def _one_line(message) -> str:
+    # Errors are shown as one line (the CLI prints the first line only): fold jinja2's multi-line ones.
+    return " ".join(str(message).split())
+
+
+def probe_template(template) -> tuple[frozenset, bool]:
+    """``(kinds, join_text)``: the vision kinds ('image', 'video') a template renders as their Qwen2.5-VL
+    placeholders, and whether text-only content is better passed to it as one string.
+
+    Strings are passed where they render the same as the list of text parts, and to a template that
+    renders no vision at all (a text-model template expects strings). A template that fails even for a
+    plain string is left as it is, so that its error shows on the real prompt, naming its file.
+    """
+    plain = _try_render(template, [{"role": "user", "content": "probe"}])
+    if plain is None:
+        return frozenset(VISION_PLACEHOLDERS), False
+    kinds = frozenset(
+        kind for kind, placeholder in VISION_PLACEHOLDERS.items()
+        if (_try_render(template, _probe_messages(kind)) or "").count(placeholder) == 1
+    )
+    listed = _try_render(template, [{"role": "user", "content": [_text_part("pro"), _text_part("be")]}])
+    return kinds, listed == plain or not kinds
+
+
+def _probe_messages(kind: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": kind, kind: "probe"}, _text_part("probe")]}]
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def _try_render(template, messages) -> str | None:
+    try:
+        return template.render(messages=messages, add_generation_prompt=True, add_vision_id=False)
+    except Exception:  # noqa: BLE001  (a probe: any failure means "cannot render this")
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +330,14 @@ def _as_spec(kind: str, item) -> dict:
     return {kind: item}
 
 
+def _joined_text(message: dict) -> dict:
+    """The message with a content of only text parts as one string (as text-model templates expect)."""
+    content = message["content"]
+    if isinstance(content, str) or any(part_kind(part, "") != "text" for part in content):
+        return message
+    return {**message, "content": "".join(part["text"] for part in content)}
+
+
 def _text_messages(text: str, images, videos) -> list[dict]:
     content = [{"type": "image", **_as_spec("image", image)} for image in images or []]
     content += [{"type": "video", **_as_spec("video", video)} for video in videos or []]
@@ -255,11 +352,23 @@ class Processor:
     """``processor(messages_or_text, images=None, videos=None, ...)`` gives the model's inputs as numpy arrays."""
 
     def __init__(self, tokenizer, chat_template: str | None = None, config: PreprocessorConfig | None = None,
-                 sampling_defaults=None):
+                 sampling_defaults=None, template_source: str | None = None):
+        """``template_source``: the file ``chat_template`` came from, named in its errors and notices.
+
+        Raises ModelLoadError if the chat template has a syntax error.
+        """
         self.tokenizer = tokenizer
         self.config = config or PreprocessorConfig()
         self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
-        self._template = compile_template(self.chat_template)
+        self.template_source = template_source
+        self._template = compile_template(self.chat_template, template_source)
+        if self.chat_template == DEFAULT_CHAT_TEMPLATE:
+            self._builtin = self._template
+            self._vision_kinds, self._join_text = frozenset(VISION_PLACEHOLDERS), True
+        else:  # the built-in template takes the images and videos the folder's cannot render
+            self._builtin = compile_template(DEFAULT_CHAT_TEMPLATE)
+            self._vision_kinds, self._join_text = probe_template(self._template)
+        self._fallback_noted = False
         self.sampling_defaults = sampling_defaults if sampling_defaults is not None else _default_sampling()
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
@@ -270,8 +379,9 @@ class Processor:
         if not path.is_dir():
             raise ModelLoadError(f"{path}: model folder not found")
         tokenizer = load_tokenizer(path)
-        return cls(tokenizer, find_chat_template(path, tokenizer), PreprocessorConfig.from_folder(path),
-                   _default_sampling(path))
+        template, source = locate_chat_template(path, tokenizer)
+        return cls(tokenizer, template, PreprocessorConfig.from_folder(path), _default_sampling(path),
+                   template_source=source)
 
     # ---- sizes
 
@@ -308,15 +418,31 @@ class Processor:
     # ---- prompts
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, add_vision_id: bool = False) -> str:
-        check_messages(messages)
-        import jinja2  # noqa: PLC0415
+        """The prompt text of ``messages``, rendered by the folder's template (the built-in one for images or
+        videos that template cannot render).
 
-        try:
-            return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id
-            )
-        except jinja2.exceptions.TemplateError as exc:
-            raise InputError(f"messages: the chat template refused them ({exc})") from exc
+        Raises InputError for malformed messages, or naming the template's file when rendering fails.
+        """
+        kinds = {kind for kind, _ in check_messages(messages)}
+        if not kinds <= self._vision_kinds:
+            self._note_fallback()
+            template, source = self._builtin, None
+        else:
+            template, source = self._template, self.template_source
+            if self._join_text:
+                messages = [_joined_text(message) for message in messages]
+        return render_template(template, source, messages, add_generation_prompt=add_generation_prompt,
+                               add_vision_id=add_vision_id)
+
+    def _note_fallback(self) -> None:
+        """Say once per processor that the folder's template is skipped, and why."""
+        if self._fallback_noted:
+            return
+        self._fallback_noted = True
+        missing = " or ".join(f"{kind}s" for kind in VISION_PLACEHOLDERS if kind not in self._vision_kinds)
+        where = f"{self.template_source}'s" if self.template_source else "the given"
+        log.warning("note: %s chat template cannot render %s; using the built-in Qwen2.5-VL template",
+                    where, missing)
 
     def __call__(self, messages_or_text, images=None, videos=None, *, min_pixels=None, max_pixels=None,
                  add_generation_prompt: bool = True, add_vision_id: bool = False, video_fps=None,
@@ -437,6 +563,6 @@ def _default_sampling(path=None):
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE", "PreprocessorConfig", "Processor", "check_messages", "compile_template",
-    "find_chat_template", "image_token_count", "load_image", "process_images", "smart_resize", "fetch_video",
-    "process_videos",
+    "find_chat_template", "locate_chat_template", "probe_template", "render_template", "image_token_count",
+    "load_image", "process_images", "smart_resize", "fetch_video", "process_videos",
 ]
