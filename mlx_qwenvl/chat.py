@@ -12,12 +12,14 @@ _ANSWER = "\x00answer\x00"
 class ChatSession:
     def __init__(self, model, processor, system: Optional[str] = None,
                  max_kv_size: Optional[int] = None, min_pixels: Optional[int] = None,
-                 max_pixels: Optional[int] = None):
+                 max_pixels: Optional[int] = None, video_fps: Optional[float] = None,
+                 video_max_frames: Optional[int] = None):
         self.model = model
         self.processor = processor
         self.system = system
         self.max_kv_size = max_kv_size
-        self.pixel_budget = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        self.media_options = {"min_pixels": min_pixels, "max_pixels": max_pixels,
+                              "video_fps": video_fps, "video_max_frames": video_max_frames}
         self.clear()
 
     def clear(self) -> None:
@@ -40,7 +42,7 @@ class ChatSession:
         content.append({"type": "text", "text": text})
         user = {"role": "user", "content": content}
         inputs = self.processor.encode(
-            self._new_text(user), images=list(images), videos=list(videos), **self.pixel_budget
+            self._new_text(user), images=list(images), videos=list(videos), **self.media_options
         )
         new_ids = [int(i) for i in inputs["input_ids"].reshape(-1)]
         self.last_prefill_tokens = len(new_ids)

@@ -1,7 +1,9 @@
 """The ``mlx-qwenvl`` command: generate, chat and convert."""
 
 import functools
+import importlib
 import sys
+import time
 
 import click
 
@@ -37,30 +39,67 @@ def friendly_errors(command):
     return click.option("--debug", is_flag=True, help="Show full tracebacks.")(wrapper)
 
 
+class PeerCommand(click.Command):
+    """Takes ``--image a b c`` (one flag, several values, as mlx-vlm documents) besides the
+    repeatable ``--image a --image b``; the same for ``--video``."""
+
+    multi_value = ("--image", "--video")
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, expand_multi_value(args, self.multi_value))
+
+
+def expand_multi_value(args: list, flags) -> list:
+    """``--image a b --prompt x`` -> ``--image a --image b --prompt x``: values run until the
+    next option (anything starting with ``-``, except ``-`` itself)."""
+    expanded, flag = [], None
+    for arg in args:
+        if flag and not (arg.startswith("-") and arg != "-"):
+            expanded += [flag, arg]
+            continue
+        flag = arg if arg in flags else None
+        if flag is None:
+            expanded.append(arg)
+    return expanded
+
+
 def model_options(command):
     for option in reversed([
         click.option("--model", "model_path", required=True,
                      help="Local model folder or Hugging Face repo id."),
+        click.option("--revision", default=None, help="Hub revision (branch, tag or commit)."),
         click.option("--min-pixels", type=int, default=None, help="Smallest image area (pixels)."),
         click.option("--max-pixels", type=int, default=None,
                      help="Largest image area (pixels); caps the tokens per image."),
-        click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True),
-        click.option("--temp", "temperature", type=float, default=None,
+        click.option("--fps", "video_fps", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Frames sampled per second of video (default: the preprocessor's, 2)."),
+        click.option("--video-max-frames", type=click.IntRange(min=1), default=None,
+                     help="Most frames sampled from one video."),
+        click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=512, show_default=True),
+        click.option("--temp", "--temperature", "temperature", type=float, default=None,
                      help="Sampling temperature (default: generation_config.json, else greedy)."),
         click.option("--top-p", type=float, default=None),
         click.option("--top-k", type=int, default=None),
         click.option("--min-p", type=float, default=0.0),
-        click.option("--repetition-penalty", type=float, default=None),
+        click.option("--repetition-penalty", type=float, default=None,
+                     help="Penalty over the whole prompt and answer, as transformers."),
         click.option("--seed", type=int, default=None),
+        click.option("--stop", "stop", multiple=True,
+                     help="Stop at this text, which is not printed (repeatable)."),
         click.option("--max-kv-size", type=int, default=None, help="Rotating KV cache size."),
         click.option("--kv-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
                      callback=lambda ctx, param, value: None if value is None else int(value),
                      help="Quantize the KV cache to these bits."),
         click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64",
                      show_default=True, callback=lambda ctx, param, value: int(value)),
+        click.option("--quantized-kv-start", type=click.IntRange(min=0), default=5000, show_default=True,
+                     help="Tokens in the cache before --kv-bits quantizes it (as mlx-lm)."),
+        click.option("--prefill-step-size", type=click.IntRange(min=1), default=2048, show_default=True,
+                     help="Prompt tokens per prefill step."),
         click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="auto", show_default=True,
                      help="Compute dtype: auto is float32 on a Linux CPU, else the checkpoint's."),
-        click.option("--verbose", is_flag=True, help="Print statistics to stderr."),
+        click.option("--verbose", is_flag=True, help="Print statistics (as mlx-lm) and load details."),
+        click.option("--system", "--system-prompt", "system", default=None, help="System prompt."),
     ]):
         command = option(command)
     return command
@@ -68,20 +107,46 @@ def model_options(command):
 
 def sampling_kwargs(options: dict) -> dict:
     keys = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
-            "kv_bits", "kv_group_size")
+            "stop", "kv_bits", "kv_group_size", "quantized_kv_start", "prefill_step_size")
     return {key: options[key] for key in keys}
 
 
-def load_for_cli(model_path: str, verbose: bool, dtype: str):
+def load_for_cli(model_path: str, verbose: bool, dtype: str, revision=None):
+    """Load as ``load`` does; notices (float32 does not fit, ...) become one ``note:`` line each,
+    and ``--verbose`` adds the BLAS in use and the config values taken from defaults."""
+    import warnings
+
     import mlx.core as mx
 
     from . import _blas
-    from .loading import load
+    from .loading import DtypeFallbackWarning, load
 
     if verbose:
         click.echo(f"[blas] {_blas.blas_info()}", err=True)
     dtype = DTYPES[dtype]
-    return load(model_path, dtype=getattr(mx, dtype) if dtype not in (None, "auto") else dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DtypeFallbackWarning)
+        model, processor = load(model_path, dtype=getattr(mx, dtype) if dtype not in (None, "auto") else dtype,
+                                revision=revision)
+    for warning in caught:
+        if issubclass(warning.category, DtypeFallbackWarning):
+            click.echo(f"note: {warning.message}", err=True)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    if verbose and model.args.defaulted:
+        taken = ", ".join(f"{key}={value}" for key, value in model.args.defaulted.items())
+        click.echo(f"[config] not in config.json, defaults taken: {taken}", err=True)
+    return model, processor
+
+
+def read_prompt(prompt: str) -> str:
+    """``--prompt -`` reads the prompt from stdin, as mlx-lm does."""
+    if prompt != "-":
+        return prompt
+    text = sys.stdin.read()
+    if not text.strip():
+        raise QwenVLError("--prompt - read an empty prompt from stdin")
+    return text
 
 
 def image_notices(processor, images, min_pixels, max_pixels) -> None:
@@ -104,49 +169,107 @@ def stats_line(response) -> str:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+PROGRESS_MIN_TOKENS = 2048  # shorter prefills finish before a progress line would help
+
+
+class PrefillProgress:
+    """``prompt_progress_callback`` for the terminal: ``prefill N/M tokens, X tok/s`` on stderr,
+    rewritten in place and erased when the answer starts; silent when stderr is not a terminal."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.tic, self.shown = time.perf_counter(), False
+
+    def __call__(self, processed: int, total: int) -> None:
+        if not self.enabled or total < PROGRESS_MIN_TOKENS:
+            return
+        if processed == 0:
+            self.tic = time.perf_counter()
+        elif processed < total:
+            rate = processed / max(time.perf_counter() - self.tic, 1e-9)
+            self.stream.write(f"\rprefill {processed}/{total} tokens, {rate:.0f} tok/s")
+            self.stream.flush()
+            self.shown = True
+        elif self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+
+class LazyGroup(click.Group):
+    """Subcommands defined in other modules, imported only when run, so ``--help`` and the
+    other commands do not pay for them."""
+
+    lazy = {"convert": ("mlx_qwenvl.convert", "convert_command",
+                        "Convert a Qwen2.5-VL checkpoint into an MLX folder, optionally quantized.")}
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx, name):
+        if name in self.lazy and name not in self.commands:
+            module, attribute, _ = self.lazy[name]
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, self.lazy[name][2] if name in self.lazy and name not in self.commands
+                 else self.commands[name].get_short_help_str(formatter.width - 6 - len(name)))
+                for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Qwen2.5-VL on MLX: chat with images and videos on-device."""
 
 
-@main.command()
+@main.command(cls=PeerCommand)
 @model_options
-@click.option("--image", "images", multiple=True, help="Image path or URL (repeatable).")
-@click.option("--video", "videos", multiple=True, help="Video file or folder of frames (repeatable).")
-@click.option("--prompt", required=True, help="The question or instruction.")
-@click.option("--system", default=None, help="System prompt.")
+@click.option("--image", "images", multiple=True,
+              help="Image path or URL (several after one flag, or repeat the flag).")
+@click.option("--video", "videos", multiple=True, help="Video file or folder of frames (as --image).")
+@click.option("--prompt", "-p", required=True, help="The question or instruction; - reads stdin.")
 @friendly_errors
-def generate(model_path, images, videos, prompt, system, verbose, max_kv_size, min_pixels,
-             max_pixels, dtype, **options):
+def generate(model_path, revision, images, videos, prompt, system, verbose, max_kv_size, min_pixels,
+             max_pixels, video_fps, video_max_frames, dtype, **options):
     """Answer one prompt, streaming the answer to stdout."""
-    from .generate import stream_generate
+    from .generate import statistics, stream_generate
 
-    model, processor = load_for_cli(model_path, verbose, dtype)
+    prompt = read_prompt(prompt)
+    model, processor = load_for_cli(model_path, verbose, dtype, revision)
     image_notices(processor, images, min_pixels, max_pixels)
     content = [{"type": "image", "image": image} for image in images]
     content += [{"type": "video", "video": video} for video in videos]
     messages = ([{"role": "system", "content": system}] if system else [])
     messages.append({"role": "user", "content": content + [{"type": "text", "text": prompt}]})
+    if verbose:
+        click.echo("=" * 10)
     response = None
     for response in stream_generate(model, processor, messages, max_kv_size=max_kv_size,
-                                    min_pixels=min_pixels, max_pixels=max_pixels,
-                                    **sampling_kwargs(options)):
+                                    min_pixels=min_pixels, max_pixels=max_pixels, video_fps=video_fps,
+                                    video_max_frames=video_max_frames,
+                                    prompt_progress_callback=PrefillProgress(), **sampling_kwargs(options)):
         click.echo(response.text, nl=False)
         sys.stdout.flush()
     click.echo()
     if verbose and response is not None:
-        click.echo(stats_line(response), err=True)
+        click.echo("=" * 10)
+        click.echo(statistics(response))
 
 
 CHAT_HELP = "Commands: /image PATH, /video PATH, /clear, /exit (Ctrl-D). Ctrl-C stops an answer."
 
 
-@main.command()
+@main.command(cls=PeerCommand)
 @model_options
 @click.option("--image", "images", multiple=True, help="Image(s) for the first question.")
-@click.option("--system", default=None, help="System prompt.")
+@click.option("--video", "videos", multiple=True, help="Video(s) for the first question.")
 @friendly_errors
-def chat(model_path, images, system, verbose, max_kv_size, min_pixels, max_pixels, dtype, **options):
+def chat(model_path, revision, images, videos, system, verbose, max_kv_size, min_pixels, max_pixels,
+         video_fps, video_max_frames, dtype, **options):
     """An interactive chat that remembers images across turns."""
     from .chat import ChatSession
 
@@ -154,13 +277,16 @@ def chat(model_path, images, system, verbose, max_kv_size, min_pixels, max_pixel
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    model, processor = load_for_cli(model_path, verbose, dtype)
+    model, processor = load_for_cli(model_path, verbose, dtype, revision)
     for image in images:
         processor.check_image(image)
+    for video in videos:
+        processor.check_video(video)
     image_notices(processor, images, min_pixels, max_pixels)
     session = ChatSession(model, processor, system=system, max_kv_size=max_kv_size,
-                          min_pixels=min_pixels, max_pixels=max_pixels)
-    pending = {"images": list(images), "videos": []}
+                          min_pixels=min_pixels, max_pixels=max_pixels, video_fps=video_fps,
+                          video_max_frames=video_max_frames)
+    pending = {"images": list(images), "videos": list(videos)}
     click.echo(CHAT_HELP)
     while True:
         try:
@@ -220,7 +346,8 @@ def answer_turn(session, text, pending, options) -> None:
     """Stream one answer. Attached media go with the turn once it is in the conversation; a
     turn undone (Ctrl-C during prefill, a failure) keeps or drops them, and says which."""
     response, turns, failed = None, len(session.messages), False
-    stream = session.stream(text, pending["images"], pending["videos"], **sampling_kwargs(options))
+    stream = session.stream(text, pending["images"], pending["videos"],
+                            prompt_progress_callback=PrefillProgress(), **sampling_kwargs(options))
     try:
         for response in stream:
             click.echo(response.text, nl=False)
@@ -247,12 +374,3 @@ def answer_turn(session, text, pending, options) -> None:
         click.echo(f"({media_count(pending)} still attached to your next question; /clear drops attachments)")
     if response is not None and not failed:
         click.echo(f"[{stats_line(response)}]", err=True)
-
-
-def _register_convert() -> None:
-    from .convert import convert_command
-
-    main.add_command(convert_command, "convert")
-
-
-_register_convert()

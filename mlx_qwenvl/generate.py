@@ -4,11 +4,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, generate_step, generation_stream, wired_limit
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
@@ -20,7 +20,13 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 @dataclass
 class GenerationResponse:
-    """One streamed piece, with running figures as mlx-lm reports them."""
+    """One streamed piece, with running figures, as mlx-lm's ``GenerationResponse``.
+
+    ``logprobs`` is the (vocab,) float array of log-probabilities the token was chosen from
+    (after the repetition penalty, before temperature and filters, as in mlx-lm);
+    ``cached_tokens`` is how many prompt tokens came from the cache (earlier chat turns).
+    Rates are tokens per second; ``peak_memory`` is in GB.
+    """
 
     text: str
     token: int
@@ -28,12 +34,17 @@ class GenerationResponse:
     prompt_tps: float
     generation_tokens: int
     generation_tps: float
-    peak_memory: float  # GB
+    peak_memory: float
     finish_reason: Optional[str] = None
+    logprobs: Optional[mx.array] = None
+    from_draft: bool = False
+    cached_tokens: int = 0
 
 
 @dataclass
 class GenerationResult:
+    """A whole answer: its text, token ids and the last response's figures."""
+
     text: str
     tokens: List[int]
     prompt_tokens: int
@@ -42,6 +53,7 @@ class GenerationResult:
     generation_tps: float
     peak_memory: float
     finish_reason: Optional[str]
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -239,12 +251,17 @@ def stream_tokens(
     stop: Optional[List[str]] = None,
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
     prefill_step_size: int = 2048,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
 ) -> Iterator[GenerationResponse]:
     """Continue ``prompt_cache`` with processed ``inputs`` and stream the answer.
 
     ``history`` is the ids ``prompt_cache`` already holds (earlier turns): the repetition
     penalty sees them, as the reference does when given the whole conversation.
+    ``kv_bits`` quantizes the KV cache once it holds ``quantized_kv_start`` tokens (mlx-lm's
+    default 5000). ``prompt_progress_callback(processed, total)`` is called as the new prompt
+    tokens are prefilled, as in mlx-lm.
 
     Raises:
         InputError: the prompt is empty, ends in an image or video, or does not fit the
@@ -279,27 +296,31 @@ def stream_tokens(
     text = AnswerText(processor.tokenizer, stop)
     mx.reset_peak_memory()
 
+    with wired_limit(model, [generation_stream]):
+        yield from _decode(model, ids, vision, prompt_cache, text, stop_ids, max_tokens=max_tokens,
+                           sampler=sampler, logits_processors=[penalty] if penalty else None,
+                           kv_bits=kv_bits, kv_group_size=kv_group_size,
+                           quantized_kv_start=quantized_kv_start, prefill_step_size=prefill_step_size,
+                           progress=prompt_progress_callback or (lambda *_: None))
+
+
+def _decode(model, ids, vision, prompt_cache, text, stop_ids, *, max_tokens, prefill_step_size,
+            progress, **step_options) -> Iterator[GenerationResponse]:
+    """Prefill all but the last prompt token here (vision and M-RoPE positions), then let
+    mlx-lm's loop decode from the last one, each step on the text path at cache length +
+    rope delta."""
+    prompt_tokens, cached_tokens = ids.shape[1], prompt_cache[0].offset
     tic = time.perf_counter()
-    # Vision and M-RoPE positions are handled here; mlx-lm's loop then decodes from the last
-    # prompt token, each step taking the text path at cache length + rope delta.
+    progress(0, prompt_tokens)
     if ids.shape[1] > 1:
-        model.prefill(ids[:, :-1], prompt_cache, chunk_size=prefill_step_size, **vision)
-    steps = generate_step(
-        mx.array(ids[0, -1:]),
-        model,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        logits_processors=[penalty] if penalty else None,
-        prompt_cache=prompt_cache,
-        kv_bits=kv_bits,
-        kv_group_size=kv_group_size,
-        quantized_kv_start=0,
-    )
-    prompt_tokens = ids.shape[1]
+        model.prefill(ids[:, :-1], prompt_cache, chunk_size=prefill_step_size, progress=progress, **vision)
+    steps = generate_step(mx.array(ids[0, -1:]), model, max_tokens=max_tokens,
+                          prompt_cache=prompt_cache, **step_options)
     prompt_tps = generation_tic = None
-    for n, (token, _) in enumerate(steps):
+    for n, (token, logprobs) in enumerate(steps):
         token = int(token)
         if n == 0:
+            progress(prompt_tokens, prompt_tokens)
             prompt_tps = prompt_tokens / (time.perf_counter() - tic)
             generation_tic = time.perf_counter()
         end = token in stop_ids
@@ -317,6 +338,8 @@ def stream_tokens(
             generation_tps=(n + 1) / elapsed if elapsed > 0 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
+            logprobs=logprobs,
+            cached_tokens=cached_tokens,
         )
         if finish:
             break
@@ -326,6 +349,10 @@ def make_cache(model, max_kv_size: Optional[int] = None) -> list:
     return make_prompt_cache(model, max_kv_size=max_kv_size)
 
 
+# A prompt already rendered by a chat template (mlx-vlm's apply_chat_template) is encoded as is.
+RENDERED_MARK = "<|im_start|>"
+
+
 def stream_generate(
     model,
     processor,
@@ -333,19 +360,49 @@ def stream_generate(
     images=None,
     videos=None,
     *,
+    image=None,
+    video=None,
     max_kv_size: Optional[int] = None,
     min_pixels: Optional[int] = None,
     max_pixels: Optional[int] = None,
+    video_fps: Optional[float] = None,
+    video_max_frames: Optional[int] = None,
     **kwargs,
 ) -> Iterator[GenerationResponse]:
-    """Stream an answer to ``prompt`` (a string or chat messages) with optional images/videos.
+    """Stream an answer to ``prompt`` with optional images/videos (paths, URLs, PIL images;
+    mlx-vlm's ``image=``/``video=``, a single item or a list, are accepted too).
 
-    Keyword arguments: max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
-    repetition_context_size (None: the whole sequence, as transformers), seed, stop, kv_bits,
-    kv_group_size, prefill_step_size; see ``stream_tokens``.
+    ``prompt`` is a question, chat messages, or a prompt already rendered by the chat template
+    (containing ``<|im_start|>``, as mlx-vlm's ``apply_chat_template`` gives), encoded as is.
+    Keyword arguments: max_tokens, temperature (or mlx-vlm's ``temp``), top_p, top_k, min_p,
+    repetition_penalty, repetition_context_size (None: the whole sequence, as transformers),
+    seed, stop, kv_bits, kv_group_size, quantized_kv_start, prefill_step_size,
+    prompt_progress_callback; see ``stream_tokens``.
+
+    Raises:
+        InputError: unusable media, prompt or option (one line naming it).
     """
-    inputs = processor(prompt, images=images, videos=videos, min_pixels=min_pixels, max_pixels=max_pixels)
+    images = _media(images, image, "images", "image")
+    videos = _media(videos, video, "videos", "video")
+    if "temp" in kwargs:
+        kwargs.setdefault("temperature", kwargs.pop("temp"))
+    media = dict(min_pixels=min_pixels, max_pixels=max_pixels, video_fps=video_fps,
+                 video_max_frames=video_max_frames)
+    if isinstance(prompt, str) and RENDERED_MARK in prompt:
+        inputs = processor.encode(prompt, images, videos, **media)
+    else:
+        inputs = processor(prompt, images=images, videos=videos, **media)
     yield from stream_tokens(model, processor, inputs, make_cache(model, max_kv_size), **kwargs)
+
+
+def _media(ours, theirs, name: str, alias: str) -> Optional[list]:
+    """``images=`` or mlx-vlm's ``image=`` (one item or a list), never both."""
+    if ours is not None and theirs is not None:
+        raise InputError(f"pass either {name}= or {alias}=, not both")
+    items = ours if ours is not None else theirs
+    if items is None or isinstance(items, (list, tuple)):
+        return items
+    return [items]
 
 
 def collect(responses) -> GenerationResult:
@@ -364,9 +421,37 @@ def collect(responses) -> GenerationResult:
         generation_tps=last.generation_tps,
         peak_memory=last.peak_memory,
         finish_reason=last.finish_reason,
+        cached_tokens=last.cached_tokens,
     )
 
 
-def generate(model, processor, prompt, images=None, videos=None, **kwargs) -> GenerationResult:
-    """The whole answer with its figures; see ``stream_generate`` for the arguments."""
-    return collect(stream_generate(model, processor, prompt, images, videos, **kwargs))
+def generate(model, processor, prompt, images=None, videos=None, *, verbose: bool = False,
+             **kwargs) -> GenerationResult:
+    """The whole answer with its figures; see ``stream_generate`` for the arguments.
+
+    ``verbose=True`` streams the text to stdout and then prints mlx-lm's statistics lines.
+    """
+    responses = stream_generate(model, processor, prompt, images, videos, **kwargs)
+    if not verbose:
+        return collect(responses)
+    print("=" * 10)
+    result = collect(_echo(responses))
+    print()
+    print("=" * 10)
+    print(statistics(result))
+    return result
+
+
+def _echo(responses):
+    for response in responses:
+        print(response.text, end="", flush=True)
+        yield response
+
+
+def statistics(response) -> str:
+    """mlx-lm's three statistics lines, in its words, so scripts that parse them parse ours."""
+    return (
+        f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec\n"
+        f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec\n"
+        f"Peak memory: {response.peak_memory:.3f} GB"
+    )

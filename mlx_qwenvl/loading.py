@@ -290,9 +290,10 @@ def model_skeleton(args: ModelArgs, shapes: dict, where: str = "") -> Model:
     return model
 
 
-def _fill(model: Model, weights: dict, dtype=None, dequantize: bool = False) -> None:
+def _fill(model: Model, weights: dict, dtype=None, dequantize: bool = False, lazy: bool = False) -> None:
     """Load ``weights`` (MLX names, checked by model_skeleton) into ``model``: floating-point
-    ones cast to ``dtype`` (None: as stored), quantized layers made dense with ``dequantize``.
+    ones cast to ``dtype`` (None: as stored), quantized layers made dense with ``dequantize``;
+    ``lazy`` leaves them unevaluated (read on first use).
 
     ``weights`` is emptied: nothing outside the model keeps a checkpoint tensor alive."""
     def cast(value):
@@ -303,6 +304,8 @@ def _fill(model: Model, weights: dict, dtype=None, dequantize: bool = False) -> 
         from mlx_lm.utils import dequantize_model
 
         dequantize_model(model)
+    if lazy:
+        return
     # One module at a time: each module's checkpoint tensors are freed once its converted ones
     # exist, so the peak is the converted model plus one module, not plus the whole checkpoint.
     for _, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
@@ -527,7 +530,7 @@ def choose_dtype(requested, model: Model, tensors: dict, where: str = "the model
     return None, False
 
 
-def load_model(path, dtype: Optional[mx.Dtype] = "auto") -> Model:
+def load_model(path, dtype: Optional[mx.Dtype] = "auto", *, lazy: bool = False) -> Model:
     """Load a local model folder.
 
     ``dtype='auto'`` computes in float32 on a Linux CPU, where float32 products go through
@@ -549,7 +552,7 @@ def load_model(path, dtype: Optional[mx.Dtype] = "auto") -> Model:
     tensors = stored_tensors(path, args)
     model = model_skeleton(args, {name: tensor.shape for name, tensor in tensors.items()})
     dtype, dequantize = choose_dtype(dtype, model, tensors, str(path))
-    _fill(model, sanitize(load_weights(path), args), dtype, dequantize)
+    _fill(model, sanitize(load_weights(path), args), dtype, dequantize, lazy=lazy)
     return model
 
 
@@ -589,10 +592,19 @@ def resolve_model_path(path_or_repo, revision: Optional[str] = None) -> Path:
             ) from None
 
 
-def load(path_or_repo, dtype="auto", revision: Optional[str] = None):
-    """``(model, processor)`` from a local folder or a hub repo id, as ``mlx_lm.load``."""
+def load(path_or_repo, *, dtype="auto", revision: Optional[str] = None, lazy: bool = False):
+    """``(model, processor)`` from a local folder, ``"demo"`` or a hub repo id, as ``mlx_lm.load``.
+
+    Options are keyword-only (a second positional argument means a tokenizer config in
+    mlx-lm and an adapter path in mlx-vlm). ``dtype``: see ``load_model``; ``revision``: the
+    hub branch, tag or commit; ``lazy=True`` returns before the weights are read into memory
+    (they load on first use), as mlx-lm.
+
+    Raises:
+        ModelLoadError: a missing folder or repo, or a folder that cannot be loaded.
+    """
     from .processor import Processor
 
     path = resolve_model_path(path_or_repo, revision)
-    model = load_model(path, dtype)
+    model = load_model(path, dtype, lazy=lazy)
     return model, Processor.from_pretrained(path)

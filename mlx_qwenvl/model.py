@@ -54,16 +54,24 @@ class Model(nn.Module):
         embeddings, position_ids, start = self._prepare(input_ids, cache, input_embeddings, **vision_inputs)
         return self.language_model(embeddings, cache, position_ids=position_ids, position_offset=start)
 
-    def prefill(self, input_ids, cache: list, chunk_size: int = 2048, **vision_inputs) -> None:
+    def prefill(self, input_ids, cache: list, chunk_size: int = 2048, progress=None,
+                **vision_inputs) -> None:
         """Fill ``cache`` with a prompt in chunks, so that attention over a long prompt (a large
-        photo is up to 16k tokens) never holds all L x L scores at once."""
+        photo is up to 16k tokens) never holds all L x L scores at once.
+
+        ``progress(processed, total)`` is called after each chunk, counting ``input_ids`` plus
+        one (the last prompt token, which the decoding loop feeds).
+        """
         embeddings, position_ids, start = self._prepare(input_ids, cache, None, **vision_inputs)
+        total = embeddings.shape[1] + 1
         for i in range(0, embeddings.shape[1], chunk_size):
             chunk_positions = None if position_ids is None else position_ids[..., i : i + chunk_size]
             self.language_model.model(
                 embeddings[:, i : i + chunk_size], cache, chunk_positions, start + i
             )
             mx.eval([c.state for c in cache])
+            if progress is not None:
+                progress(min(i + chunk_size, total - 1), total)
 
     def _prepare(self, input_ids, cache, input_embeddings=None, *, pixel_values=None,
                  image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,

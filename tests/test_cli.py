@@ -47,10 +47,11 @@ def test_generate_streams_the_same_answer_as_the_api(tiny_model_dir, photo):
     model, processor = load(tiny_model_dir)
     expected = generate(model, processor, "What is this?", images=[str(photo)], max_tokens=12,
                         temperature=0.0)
-    assert result.stdout == expected.text + "\n"
+    # --verbose frames the answer and adds the statistics as mlx-lm prints them.
+    assert result.stdout.startswith("==========\n" + expected.text + "\n==========\n")
     assert "[blas] OpenBLAS" in result.stderr
-    assert f"prompt: {expected.prompt_tokens} tokens" in result.stderr
-    assert f"generation: {expected.generation_tokens} tokens" in result.stderr
+    assert f"Prompt: {expected.prompt_tokens} tokens, " in result.stdout
+    assert f"Generation: {expected.generation_tokens} tokens, " in result.stdout
 
 
 def test_python_dash_m_entry_point():
