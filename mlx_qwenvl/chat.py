@@ -27,7 +27,6 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.cache = make_cache(self.model, self.max_kv_size)
         self.tokens: List[int] = []  # exactly the ids held in the cache
-        self.rope_delta = 0
         self.last_prefill_tokens = 0
 
     def stream(self, text: str, images: Sequence = (), videos: Sequence = (),
@@ -46,7 +45,6 @@ class ChatSession:
         )
         new_ids = [int(i) for i in inputs["input_ids"].reshape(-1)]
         self.last_prefill_tokens = len(new_ids)
-        self.model.rope_delta = self.rope_delta
         answer_ids, answer = [], ""
         try:
             for response in stream_tokens(self.model, self.processor, inputs, self.cache,
@@ -74,16 +72,14 @@ class ChatSession:
         return tail[len(end):] if last == end and tail.startswith(end) else tail
 
     def _commit(self, user, new_ids, answer_ids, answer) -> None:
-        held = min(layer_cache.offset for layer_cache in self.cache)
+        held = self.cache.offset
         prompt_end = len(self.tokens) + len(new_ids)
         complete = held >= prompt_end  # an interruption during prefill undoes the turn
         keep = min(held, prompt_end + len(answer_ids)) if complete else len(self.tokens)
-        # An interruption can also stop between layers: make every layer hold the same tokens.
-        for layer_cache in self.cache:
-            if layer_cache.offset > keep and layer_cache.is_trimmable():
-                layer_cache.trim(layer_cache.offset - keep)
+        # An interruption can also stop between layers: make every layer hold the same tokens
+        # (and, for an undone turn, restore the M-RoPE offset from before its images).
+        self.cache.trim(keep)
         if not complete:
             return
         self.tokens = (self.tokens + new_ids + answer_ids)[:keep]
-        self.rope_delta = self.model.rope_delta
         self.messages += [user, {"role": "assistant", "content": answer}]

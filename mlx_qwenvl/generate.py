@@ -9,7 +9,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, generate_step, generation_stream, wired_limit
-from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
@@ -345,8 +345,10 @@ def _decode(model, ids, vision, prompt_cache, text, stop_ids, *, max_tokens, pre
             break
 
 
-def make_cache(model, max_kv_size: Optional[int] = None) -> list:
-    return make_prompt_cache(model, max_kv_size=max_kv_size)
+def make_cache(model, max_kv_size: Optional[int] = None):
+    """A new conversation's ``PromptCache`` (KV caches plus its M-RoPE offset); rotating
+    caches of ``max_kv_size`` tokens when given."""
+    return model.make_cache(max_kv_size)
 
 
 # A prompt already rendered by a chat template (mlx-vlm's apply_chat_template) is encoded as is.

@@ -5,6 +5,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .config import ModelArgs
 from .errors import InputError
@@ -13,13 +14,67 @@ from .rope_index import get_rope_index
 from .vision import VisionModel
 
 
+class PromptCache(list):
+    """One conversation's state: the per-layer KV caches (a list, as mlx-lm's prompt caches)
+    plus the M-RoPE offset between position ids and cache length (``rope_delta``).
+
+    After a call with images or videos, text positions continue from the largest position id
+    plus one rather than from the cache length; the difference travels with the cache, so
+    one model serves any number of conversations. Each such call is remembered
+    (``vision_calls``: first and last+1 offset of its vision tokens, delta before it), so that
+    ``trim`` can restore the offset of an earlier prefix.
+    """
+
+    def __init__(self, layers=(), vision_token_ids=(151655, 151656)):
+        super().__init__(layers)
+        self.vision_token_ids = tuple(vision_token_ids)  # image and video placeholders
+        self.rope_delta = 0
+        self.vision_calls: list = []
+
+    @property
+    def offset(self) -> int:
+        """Tokens held (the fewest of any layer, should an interruption leave them uneven)."""
+        return min((c.offset for c in self), default=0)
+
+    def safe_length(self, length: int) -> int:
+        """The longest prefix of at most ``length`` tokens that does not end inside the vision
+        tokens of one call (whose positions depend on every image of that call)."""
+        for start, end, _ in reversed(self.vision_calls):
+            if start < length < end:
+                return start
+        return length
+
+    def trim(self, length: int) -> None:
+        """Keep the first ``length`` tokens in every layer, with their M-RoPE offset.
+
+        Raises:
+            ValueError: ``length`` ends inside a call's vision tokens (see ``safe_length``),
+                or a layer's cache cannot be trimmed.
+        """
+        if self.safe_length(length) != length:
+            raise ValueError(f"cannot keep {length} tokens: that ends inside an image or video")
+        while self.vision_calls and self.vision_calls[-1][0] >= length:
+            self.rope_delta = self.vision_calls.pop()[2]
+        for layer in self:
+            if layer.offset > length:
+                if not layer.is_trimmable():
+                    raise ValueError(f"a {type(layer).__name__} cannot be trimmed")
+                layer.trim(layer.offset - length)
+
+    def record_vision_call(self, offset: int, ids: np.ndarray, delta: int) -> None:
+        """Remember a call at ``offset`` whose ``ids`` hold vision tokens, and its new delta."""
+        vision = np.flatnonzero(np.isin(ids.reshape(-1), self.vision_token_ids))
+        self.vision_calls.append((offset + int(vision[0]), offset + int(vision[-1]) + 1, self.rope_delta))
+        self.rope_delta = int(delta)
+
+
 class Model(nn.Module):
     """Parameter names follow mlx-vlm's converted folders (``vision_tower.*``, ``language_model.*``).
 
     Calls follow mlx-lm: ``model(input_ids, cache=...)`` returns logits. A call that carries
-    images or videos computes M-RoPE position ids for its tokens and remembers the offset
-    between position ids and cache length (``rope_delta``), which every later text-only call
-    on the same cache continues from; a call on an empty cache starts afresh.
+    images or videos computes M-RoPE position ids for its tokens and stores the offset between
+    position ids and cache length in the cache (``PromptCache.rope_delta``), which every later
+    text-only call on the same cache continues from; a call on an empty cache starts afresh.
     """
 
     def __init__(self, args: ModelArgs):
@@ -27,20 +82,19 @@ class Model(nn.Module):
         self.args = args
         self.vision_tower = VisionModel(args.vision)
         self.language_model = LanguageModel(args.text)
-        self._rope_delta = 0
 
     @property
     def layers(self):
         return self.language_model.layers
 
-    @property
-    def rope_delta(self) -> int:
-        """Position id minus cache length for the next token; restore it to switch caches."""
-        return self._rope_delta
-
-    @rope_delta.setter
-    def rope_delta(self, value: int) -> None:
-        self._rope_delta = int(value)
+    def make_cache(self, max_kv_size: Optional[int] = None) -> PromptCache:
+        """A new conversation's cache (mlx-lm's ``make_prompt_cache`` calls this): KV caches,
+        rotating ones of ``max_kv_size`` tokens (keeping the first 4) when given."""
+        if max_kv_size is None:
+            layers = [KVCache() for _ in self.layers]
+        else:
+            layers = [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in self.layers]
+        return PromptCache(layers, (self.args.image_token_id, self.args.video_token_id))
 
     def __call__(
         self,
@@ -78,9 +132,9 @@ class Model(nn.Module):
                  second_per_grid_ts=None):
         """Embeddings, M-RoPE position ids (None for text only) and the text start position."""
         offset = cache[0].offset if cache and cache[0] is not None else 0
-        if offset == 0:
-            self._rope_delta = 0
-        start = offset + self._rope_delta
+        if offset == 0 and isinstance(cache, PromptCache):
+            cache.rope_delta, cache.vision_calls = 0, []
+        start = offset + (getattr(cache, "rope_delta", 0) if offset else 0)
         if input_embeddings is None:
             input_embeddings = self.embed(
                 input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
@@ -94,7 +148,11 @@ class Model(nn.Module):
         position_ids, next_position = self.position_ids(
             ids, image_grid_thw, video_grid_thw, second_per_grid_ts, start
         )
-        self._rope_delta = next_position - (offset + ids.size)
+        if cache is not None:
+            if not isinstance(cache, PromptCache):
+                raise InputError("a prompt with images or videos needs the model's own cache "
+                                 "(make_cache(model), or mlx-lm's make_prompt_cache(model))")
+            cache.record_vision_call(offset, ids, next_position - (offset + ids.size))
         return input_embeddings, mx.array(position_ids)[:, None], start
 
     def position_ids(self, input_ids, image_grid_thw=None, video_grid_thw=None,

@@ -253,7 +253,8 @@ def test_cli_names_the_option_in_one_line(args, pattern, tiny_model_dir):
 # ---- 6. media attached to a turn that Ctrl-C undid during prefill
 
 CHAT_OPTIONS = dict(max_tokens=4, temperature=0.0, top_p=None, top_k=None, min_p=0.0,
-                    repetition_penalty=None, seed=None, kv_bits=None, kv_group_size=64)
+                    repetition_penalty=None, seed=None, stop=(), kv_bits=None, kv_group_size=64,
+                    quantized_kv_start=5000, prefill_step_size=2048)
 
 
 def test_ctrl_c_during_prefill_says_the_image_is_still_attached(loaded, monkeypatch, capsys, tmp_path):

@@ -206,7 +206,7 @@ def test_greedy_decode_matches_reference_generate(tiny_reference, fp32_model):
         token = mx.argmax(logits[:, -1], axis=-1)
         tokens.append(int(token.item()))
         logits = fp32_model(token[None], cache)
-    assert fp32_model.rope_delta < 0
+    assert cache.rope_delta < 0
     assert tokens == expected
 
 
