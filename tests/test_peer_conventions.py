@@ -280,3 +280,23 @@ def test_verbose_names_the_config_values_taken_from_defaults(tiny_model_dir, tmp
                      "vision_config.temporal_patch_size=2"], result.stderr
     quiet = run("generate", "--model", str(folder), "-p", "Hi", "-m", "1")
     assert "[config]" not in quiet.stderr
+
+
+def test_generation_runs_inside_mlx_lm_wired_limit(loaded, monkeypatch):
+    """As mlx-lm's stream_generate: on a Mac the weights stay wired while tokens are produced,
+    and a model near the recommended working set gets mlx-lm's warning (wired_limit's own)."""
+    import contextlib
+
+    generation = sys.modules["mlx_qwenvl.generate"]  # the package's ``generate`` is the function
+
+    model, processor = loaded
+    entered = []
+
+    @contextlib.contextmanager
+    def recording(target, streams=None):
+        entered.append((target, streams))
+        yield
+
+    monkeypatch.setattr(generation, "wired_limit", recording)
+    generate(model, processor, "Hi", max_tokens=2, temperature=0.0)
+    assert len(entered) == 1 and entered[0][0] is model and entered[0][1]
