@@ -30,3 +30,8 @@ $B blas 3B-slice --dtypes float32,bfloat16 --vision 448x448 --generate 448x448 -
 
 # converting the 3B checkpoint to 4-bit: ours against mlx-vlm's converter
 $B convert 3B --runs 3 --json $R/convert-3B.json
+
+# issue 17: start-up of --help and of the README demo, before (8c5500d) and after (c4d9441) the lazy imports
+python benchmarks/startup.py run --before 8c5500d --after c4d9441 --json $R/startup.json
+# the same with torch installed (an environment with the test extra; mlx-vlm not in it)
+python benchmarks/startup.py run --python .venv/bin/python --no-mlx-vlm --before 8c5500d --after c4d9441 --json $R/startup-with-torch.json

@@ -88,9 +88,9 @@ def stop_token_ids(processor) -> set:
     """Every end-of-sequence id: the tokenizer's, generation_config's, <|im_end|> and <|endoftext|>."""
     tokenizer = processor.tokenizer
     ids = set(tokenizer.eos_token_ids) | processor.sampling_defaults.eos_token_ids
-    vocab = tokenizer.get_vocab()
-    ids |= {vocab[token] for token in STOP_TOKENS if token in vocab}
-    return ids
+    # One lookup per token: get_vocab() builds a 151k-entry dict (~0.08 s) on every call.
+    found = [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
+    return ids | {i for i in found if i is not None and i != tokenizer.unk_token_id}
 
 
 # Each sampling option: its CLI flag, what it accepts and the rule in words.
