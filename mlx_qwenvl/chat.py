@@ -3,7 +3,8 @@ so images of earlier turns are never processed or encoded again."""
 
 from typing import Iterator, List, Optional, Sequence
 
-from .generate import GenerationResponse, collect, make_cache, stream_tokens
+from .generate import (GenerationResponse, collect_verbose, generation_options, make_cache, media_list,
+                       stream_tokens)
 
 # Stands in for the last answer while rendering, to cut the template's text after it.
 _ANSWER = "\x00answer\x00"
@@ -29,20 +30,29 @@ class ChatSession:
         self.tokens: List[int] = []  # exactly the ids held in the cache
         self.last_prefill_tokens = 0
 
-    def stream(self, text: str, images: Sequence = (), videos: Sequence = (),
+    def stream(self, text: str, images=(), videos=(), *, image=None, video=None,
                **generation_kwargs) -> Iterator[GenerationResponse]:
         """Ask ``text`` about new ``images``/``videos`` and stream the answer.
 
-        Stopping early (closing the iterator, Ctrl-C) keeps the session consistent: the
-        partial answer stays in the conversation.
+        Media are sources (paths, URLs, PIL images), one or a list; mlx-vlm's ``image=`` and
+        ``video=`` are accepted too. Options are ``stream_tokens``' (``temp`` for temperature
+        too). Stopping early (closing the iterator, Ctrl-C) keeps the session consistent: the
+        partial answer stays in the conversation; an interruption before the answer began
+        undoes the turn.
+
+        Raises:
+            InputError: unusable media or prompt, or an option out of range.
+            TypeError: an unknown option.
         """
-        content = [{"type": "image", "image": image} for image in images]
-        content += [{"type": "video", "video": video} for video in videos]
+        images = media_list(images or None, image, "images", "image") or []
+        videos = media_list(videos or None, video, "videos", "video") or []
+        generation_kwargs = generation_options(generation_kwargs, "stream")
+        content = [{"type": "image", "image": item} for item in images]
+        content += [{"type": "video", "video": item} for item in videos]
         content.append({"type": "text", "text": text})
         user = {"role": "user", "content": content}
-        inputs = self.processor.encode(
-            self._new_text(user), images=list(images), videos=list(videos), **self.media_options
-        )
+        inputs = self.processor.encode(self._new_text(user), images=images, videos=videos,
+                                       **self.media_options)
         new_ids = [int(i) for i in inputs["input_ids"].reshape(-1)]
         self.last_prefill_tokens = len(new_ids)
         answer_ids, answer = [], ""
@@ -55,9 +65,10 @@ class ChatSession:
         finally:
             self._commit(user, new_ids, answer_ids, answer)
 
-    def send(self, text: str, images: Sequence = (), videos: Sequence = (), **generation_kwargs):
-        """The whole answer as a ``GenerationResult``."""
-        return collect(self.stream(text, images, videos, **generation_kwargs))
+    def send(self, text: str, images=(), videos=(), *, verbose: bool = False, **generation_kwargs):
+        """The whole answer as a ``GenerationResult`` (arguments as ``stream``); ``verbose``
+        prints it as mlx-lm's ``generate(verbose=True)`` does."""
+        return collect_verbose(self.stream(text, images, videos, **generation_kwargs), verbose)
 
     def _new_text(self, user: dict) -> str:
         """The template text that the cache does not hold yet."""

@@ -1,5 +1,6 @@
 """Text generation from image/video prompts, reusing mlx-lm's decoding loop, samplers and caches."""
 
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ SAMPLING_RULES = {
     "top_k": ("--top-k", lambda v: v >= 0, "must be 0 (off) or more"),
     "min_p": ("--min-p", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "repetition_penalty": ("--repetition-penalty", lambda v: v > 0, "must be more than 0"),
+    "seed": ("--seed", lambda v: 0 <= v < 2**64, "must be a whole number from 0 to 2**64 - 1"),
 }
 
 
@@ -158,23 +160,27 @@ def _sampling(processor, model, temperature, top_p, top_k, min_p):
     return make_sampler(temp=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
 
 
-def check_kv_bits(model, kv_bits: Optional[int], kv_group_size: int) -> None:
-    """A quantized KV cache quantizes along the head dimension, in groups.
+KV_GROUP_SIZES = (32, 64, 128)  # what MLX's affine quantization takes
+
+
+def kv_group_size_for(model, kv_bits: Optional[int], kv_group_size: Optional[int]) -> int:
+    """The KV cache's quantization group size: as given, else mlx-lm's 64 where it divides the
+    head size (keys and values are quantized along it), else the largest size that does.
 
     Raises:
-        InputError: the model's head size is not a multiple of ``kv_group_size``.
+        InputError: ``kv_bits`` is set and the group size does not divide the head size.
     """
-    if kv_bits is None:
-        return
     head_dim = model.args.text.head_dim
-    if head_dim % kv_group_size == 0:
-        return
-    fits = [size for size in (32, 64, 128) if head_dim % size == 0]
-    advice = (f"use --kv-group-size {fits[-1]}" if fits
-              else "this model cannot use a quantized KV cache; drop --kv-bits")
+    fits = [size for size in KV_GROUP_SIZES if head_dim % size == 0]
+    if kv_group_size is None:
+        kv_group_size = 64 if 64 in fits or not fits else fits[-1]
+    if kv_bits is None or head_dim % kv_group_size == 0:
+        return kv_group_size
+    advice = (f"use kv_group_size (--kv-group-size) {fits[-1]}" if fits
+              else "this model cannot use a quantized KV cache; leave kv_bits (--kv-bits) unset")
     raise InputError(
-        f"--kv-bits quantizes keys and values in groups of --kv-group-size {kv_group_size}, "
-        f"which must divide the model's head size {head_dim}: {advice}"
+        f"kv_bits (--kv-bits) quantizes keys and values in groups of kv_group_size "
+        f"(--kv-group-size) {kv_group_size}, which must divide the model's head size {head_dim}: {advice}"
     )
 
 
@@ -250,7 +256,7 @@ def stream_tokens(
     seed: Optional[int] = None,
     stop: Optional[List[str]] = None,
     kv_bits: Optional[int] = None,
-    kv_group_size: int = 64,
+    kv_group_size: Optional[int] = None,
     quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
     prefill_step_size: int = 2048,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
@@ -282,11 +288,11 @@ def stream_tokens(
         raise InputError("the prompt must end with text after its last image or video")
     if kv_bits is not None and any(isinstance(c, RotatingKVCache) for c in prompt_cache):
         raise InputError("a quantized KV cache (kv_bits) cannot be combined with max_kv_size")
-    check_kv_bits(model, kv_bits, kv_group_size)
+    kv_group_size = kv_group_size_for(model, kv_bits, kv_group_size)
     sampler = _sampling(processor, model, temperature, top_p, top_k, min_p)
     if repetition_penalty is None:
         repetition_penalty = processor.sampling_defaults.repetition_penalty
-    check_sampling(repetition_penalty=repetition_penalty)
+    check_sampling(repetition_penalty=repetition_penalty, seed=seed)
     # mlx-lm's loop only sees the last prompt token: the penalty gets the rest from here.
     context_ids = np.concatenate([np.asarray(history, dtype=np.int64), ids[0, :-1]])
     penalty = make_penalty(repetition_penalty, context_ids, repetition_context_size)
@@ -384,10 +390,9 @@ def stream_generate(
     Raises:
         InputError: unusable media, prompt or option (one line naming it).
     """
-    images = _media(images, image, "images", "image")
-    videos = _media(videos, video, "videos", "video")
-    if "temp" in kwargs:
-        kwargs.setdefault("temperature", kwargs.pop("temp"))
+    images = media_list(images, image, "images", "image")
+    videos = media_list(videos, video, "videos", "video")
+    kwargs = generation_options(kwargs, "stream_generate")
     media = dict(min_pixels=min_pixels, max_pixels=max_pixels, video_fps=video_fps,
                  video_max_frames=video_max_frames)
     if isinstance(prompt, str) and RENDERED_MARK in prompt:
@@ -397,14 +402,34 @@ def stream_generate(
     yield from stream_tokens(model, processor, inputs, make_cache(model, max_kv_size), **kwargs)
 
 
-def _media(ours, theirs, name: str, alias: str) -> Optional[list]:
-    """``images=`` or mlx-vlm's ``image=`` (one item or a list), never both."""
+def media_list(ours, theirs, name: str, alias: str) -> Optional[list]:
+    """``images=`` or mlx-vlm's ``image=``, each one item or a list, as a list (None: neither).
+
+    Raises:
+        InputError: both were given.
+    """
     if ours is not None and theirs is not None:
         raise InputError(f"pass either {name}= or {alias}=, not both")
     items = ours if ours is not None else theirs
     if items is None or isinstance(items, (list, tuple)):
         return items
     return [items]
+
+
+def generation_options(options: dict, caller: str) -> dict:
+    """``stream_tokens``' keyword options, with mlx-vlm's ``temp`` read as ``temperature``.
+
+    Raises:
+        TypeError: an option ``stream_tokens`` does not take, naming ``caller`` (the function
+            the user called) as Python would.
+    """
+    options = dict(options)
+    if "temp" in options:
+        options.setdefault("temperature", options.pop("temp"))
+    unknown = sorted(set(options) - _STREAM_OPTIONS)
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+    return options
 
 
 def collect(responses) -> GenerationResult:
@@ -433,7 +458,12 @@ def generate(model, processor, prompt, images=None, videos=None, *, verbose: boo
 
     ``verbose=True`` streams the text to stdout and then prints mlx-lm's statistics lines.
     """
-    responses = stream_generate(model, processor, prompt, images, videos, **kwargs)
+    return collect_verbose(stream_generate(model, processor, prompt, images, videos, **kwargs), verbose)
+
+
+def collect_verbose(responses, verbose: bool) -> GenerationResult:
+    """``collect``; with ``verbose``, as mlx-lm's ``generate(verbose=True)`` prints: the text
+    as it streams between two rules, then the statistics lines."""
     if not verbose:
         return collect(responses)
     print("=" * 10)
@@ -457,3 +487,9 @@ def statistics(response) -> str:
         f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec\n"
         f"Peak memory: {response.peak_memory:.3f} GB"
     )
+
+
+# The options every entry point passes through to stream_tokens (keyword-only, but ``history``,
+# which belongs to the conversation).
+_STREAM_OPTIONS = {name for name, parameter in inspect.signature(stream_tokens).parameters.items()
+                   if parameter.kind is inspect.Parameter.KEYWORD_ONLY} - {"history"}

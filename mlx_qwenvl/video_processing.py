@@ -87,6 +87,9 @@ def smart_nframes(
     """How many frames to sample (qwen-vl-utils ``smart_nframes``); InputError when impossible."""
     if fps is not None and nframes is not None:
         raise InputError(f"video {name}: give either fps or nframes, not both")
+    if total_frames < FRAME_FACTOR:
+        raise InputError(f"video {name}: has {total_frames} frame(s), a video needs at least "
+                         f"{FRAME_FACTOR} (a single picture is an image)")
     if nframes is not None:
         n = round(nframes / FRAME_FACTOR) * FRAME_FACTOR
     else:
