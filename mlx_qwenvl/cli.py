@@ -46,21 +46,47 @@ class PeerCommand(click.Command):
     multi_value = ("--image", "--video")
 
     def parse_args(self, ctx, args):
-        return super().parse_args(ctx, expand_multi_value(args, self.multi_value))
+        try:
+            args = verbose_values(expand_multi_value(args, self.multi_value))
+        except click.UsageError as error:
+            error.ctx = ctx
+            raise
+        return super().parse_args(ctx, args)
 
 
 def expand_multi_value(args: list, flags) -> list:
     """``--image a b --prompt x`` -> ``--image a --image b --prompt x``: values run until the
-    next option (anything starting with ``-``, except ``-`` itself)."""
-    expanded, flag = [], None
+    next option (anything starting with ``-``, except ``-`` itself).
+
+    Raises:
+        click.UsageError: a flag followed by no value.
+    """
+    expanded, flag, taken = [], None, 0
     for arg in args:
         if flag and not (arg.startswith("-") and arg != "-"):
             expanded += [flag, arg]
+            taken += 1
             continue
-        flag = arg if arg in flags else None
+        if flag and not taken:
+            break
+        flag, taken = (arg, 0) if arg in flags else (None, 0)
         if flag is None:
             expanded.append(arg)
+    if flag and not taken:
+        raise click.UsageError(f"Option '{flag}' needs at least one value.")
     return expanded
+
+
+def verbose_values(args: list) -> list:
+    """mlx-lm's ``--verbose True`` / ``--verbose False`` (a value, where ours is a flag)."""
+    out = []
+    for arg in args:
+        if out and out[-1] == "--verbose" and arg.lower() in ("true", "false"):
+            if arg.lower() == "false":
+                out.pop()
+            continue
+        out.append(arg)
+    return out
 
 
 def model_options(command):
@@ -78,20 +104,23 @@ def model_options(command):
         click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=512, show_default=True),
         click.option("--temp", "--temperature", "temperature", type=float, default=None,
                      help="Sampling temperature (default: generation_config.json, else greedy)."),
-        click.option("--top-p", type=float, default=None),
-        click.option("--top-k", type=int, default=None),
-        click.option("--min-p", type=float, default=0.0),
+        click.option("--top-p", type=float, default=None,
+                     help="Nucleus sampling: keep the most likely tokens up to this mass, in (0, 1]."),
+        click.option("--top-k", type=int, default=None, help="Keep the k most likely tokens (0: off)."),
+        click.option("--min-p", type=float, default=0.0,
+                     help="Drop tokens below this fraction of the top probability, in [0, 1]."),
         click.option("--repetition-penalty", type=float, default=None,
                      help="Penalty over the whole prompt and answer, as transformers."),
-        click.option("--seed", type=int, default=None),
+        click.option("--seed", type=int, default=None, help="Random seed for sampling (0 or more)."),
         click.option("--stop", "stop", multiple=True,
                      help="Stop at this text, which is not printed (repeatable)."),
         click.option("--max-kv-size", type=int, default=None, help="Rotating KV cache size."),
         click.option("--kv-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
                      callback=lambda ctx, param, value: None if value is None else int(value),
                      help="Quantize the KV cache to these bits."),
-        click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64",
-                     show_default=True, callback=lambda ctx, param, value: int(value)),
+        click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default=None,
+                     callback=lambda ctx, param, value: None if value is None else int(value),
+                     help="Group size of --kv-bits (default: 64, or the largest dividing the head size)."),
         click.option("--quantized-kv-start", type=click.IntRange(min=0), default=5000, show_default=True,
                      help="Tokens in the cache before --kv-bits quantizes it (as mlx-lm)."),
         click.option("--prefill-step-size", type=click.IntRange(min=1), default=2048, show_default=True,
@@ -103,6 +132,14 @@ def model_options(command):
     ]):
         command = option(command)
     return command
+
+
+def check_options(options: dict) -> None:
+    """The sampling options' ranges, before anything is loaded (InputError, one line)."""
+    from .generate import check_sampling
+
+    check_sampling(**{key: options[key] for key in ("temperature", "top_p", "top_k", "min_p",
+                                                    "repetition_penalty", "seed")})
 
 
 def sampling_kwargs(options: dict) -> dict:
@@ -202,10 +239,30 @@ class LazyGroup(click.Group):
     other commands do not pay for them."""
 
     lazy = {"convert": ("mlx_qwenvl.convert", "convert_command",
-                        "Convert a Qwen2.5-VL checkpoint into an MLX folder, optionally quantized.")}
+                        "Convert a Qwen2.5-VL checkpoint into an MLX folder, optionally quantized."),
+            "server": ("mlx_qwenvl.server", "server_command",
+                       "An OpenAI-compatible server (/v1/chat/completions) that keeps conversations cached.")}
 
     def list_commands(self, ctx):
         return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def main(self, *args, **kwargs):
+        """As click's, but a usage error is one line (``error: ...``, exit 2), like every other
+        error of the CLI, and Ctrl-C outside a command exits 130 without click's 'Aborted!'."""
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as error:
+            command = error.ctx.command_path if error.ctx is not None else "mlx-qwenvl"
+            click.echo(f"error: {error.format_message()} (see {command} --help)", err=True)
+            sys.exit(2)
+        except click.ClickException as error:
+            click.echo(f"error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            click.echo(err=True)
+            sys.exit(130)
+        except click.exceptions.Exit as done:
+            sys.exit(done.exit_code)
 
     def get_command(self, ctx, name):
         if name in self.lazy and name not in self.commands:
@@ -222,6 +279,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlx-qwenvl", message="mlx-qwenvl %(version)s")
 def main():
     """Qwen2.5-VL on MLX: chat with images and videos on-device."""
 
@@ -238,6 +296,7 @@ def generate(model_path, revision, images, videos, prompt, system, verbose, max_
     """Answer one prompt, streaming the answer to stdout."""
     from .generate import statistics, stream_generate
 
+    check_options(options)
     prompt = read_prompt(prompt)
     model, processor = load_for_cli(model_path, verbose, dtype, revision)
     image_notices(processor, images, min_pixels, max_pixels)
@@ -272,7 +331,9 @@ def chat(model_path, revision, images, videos, system, verbose, max_kv_size, min
          video_fps, video_max_frames, dtype, **options):
     """An interactive chat that remembers images across turns."""
     from .chat import ChatSession
+    from .generate import kv_group_size_for
 
+    check_options(options)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -283,6 +344,7 @@ def chat(model_path, revision, images, videos, system, verbose, max_kv_size, min
     for video in videos:
         processor.check_video(video)
     image_notices(processor, images, min_pixels, max_pixels)
+    options["kv_group_size"] = kv_group_size_for(model, options["kv_bits"], options["kv_group_size"])
     session = ChatSession(model, processor, system=system, max_kv_size=max_kv_size,
                           min_pixels=min_pixels, max_pixels=max_pixels, video_fps=video_fps,
                           video_max_frames=video_max_frames)
@@ -290,20 +352,25 @@ def chat(model_path, revision, images, videos, system, verbose, max_kv_size, min
     click.echo(CHAT_HELP)
     while True:
         try:
-            line = input(">> ").strip()
-        except EOFError:
-            click.echo()
-            return
-        except KeyboardInterrupt:
-            click.echo()
-            continue
-        if not line:
-            continue
-        if line.startswith("/"):
-            if not run_chat_command(line, session, pending, processor, min_pixels, max_pixels):
+            if not chat_step(session, pending, processor, options, min_pixels, max_pixels):
                 return
-            continue
-        answer_turn(session, line, pending, options)
+        except KeyboardInterrupt:  # at the prompt, or between a question and its answer
+            click.echo()
+
+
+def chat_step(session, pending, processor, options, min_pixels, max_pixels) -> bool:
+    """Read one line and act on it; False means exit."""
+    try:
+        line = input(">> ").strip()
+    except EOFError:
+        click.echo()
+        return False
+    if not line:
+        return True
+    if line.startswith("/"):
+        return run_chat_command(line, session, pending, processor, min_pixels, max_pixels)
+    answer_turn(session, line, pending, options)
+    return True
 
 
 def run_chat_command(line, session, pending, processor, min_pixels, max_pixels) -> bool:

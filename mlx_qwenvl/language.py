@@ -27,6 +27,9 @@ class MRoPE:
         self.head_dim = head_dim
         self.base = base
         self.inv_freq = 1.0 / (base ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))
+        # Evaluated now: a lazy array runs on the stream of the thread that made it, so a model
+        # loaded on one thread and used on another (a server, an app) would fail on first use.
+        mx.eval(self.inv_freq)
         bounds = [0]
         for size in sections:
             bounds.append(bounds[-1] + size)

@@ -530,6 +530,25 @@ def choose_dtype(requested, model: Model, tensors: dict, where: str = "the model
     return None, False
 
 
+DTYPE_NAMES = {"auto": "auto", "checkpoint": None, "float32": mx.float32, "bfloat16": mx.bfloat16,
+               "float16": mx.float16}
+
+
+def as_dtype(dtype):
+    """An ``mx.Dtype``, None or 'auto' from any of those or a name in ``DTYPE_NAMES``.
+
+    Raises:
+        ModelLoadError: an unknown name or a non-floating dtype.
+    """
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+        return DTYPE_NAMES[dtype]
+    if dtype is not None and not mx.issubdtype(dtype, mx.floating):
+        raise ModelLoadError(f"dtype {dtype} is not a floating-point type")
+    return dtype
+
+
 def load_model(path, dtype: Optional[mx.Dtype] = "auto", *, lazy: bool = False) -> Model:
     """Load a local model folder.
 
@@ -541,8 +560,11 @@ def load_model(path, dtype: Optional[mx.Dtype] = "auto", *, lazy: bool = False) 
 
     Everything that can fail does so before any weight is read: ModelLoadError for a missing
     folder, config or shard, another model type, another library's quantization, weight names
-    or shapes the config does not imply, and float32 asked for but too large.
+    or shapes the config does not imply, float32 asked for but too large, and an unknown
+    dtype. ``dtype`` may also be a name: 'float32', 'bfloat16', 'float16', 'auto' or
+    'checkpoint' (None), as the CLI's ``--dtype``.
     """
+    dtype = as_dtype(dtype)
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model folder {path} does not exist")

@@ -286,6 +286,7 @@ class VisionModel(nn.Module):
         self._inv_freq = 1.0 / (
             10000.0 ** (mx.arange(0, head_dim // 2, 2, dtype=mx.float32) / (head_dim // 2))
         )
+        mx.eval(self._inv_freq)  # usable from any thread (see language.MRoPE)
 
     def __call__(self, pixel_values: mx.array, grid_thw) -> mx.array:
         """Merged features, one row per LLM placeholder token, items in order, raster order."""

@@ -33,3 +33,13 @@ def tiny_model_dir(tiny_reference, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_model") / "model"
     shutil.copytree(tiny_reference[1], path)
     return make_model_dir(path)
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_model_dir):
+    """The tiny model folder loaded once, in float32: ``(model, processor)``."""
+    import mlx.core as mx
+
+    from mlx_qwenvl.loading import load
+
+    return load(tiny_model_dir, dtype=mx.float32)

@@ -3,29 +3,19 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from PIL import Image
 
 from mlx_qwenvl.chat import ChatSession
 from mlx_qwenvl.errors import InputError
 from mlx_qwenvl.generate import generate, make_cache, stream_generate, stream_tokens
 from mlx_qwenvl.loading import load
+from processor_fixtures import random_image
 from reference import STOP, reference_generate
-
-
-def picture(height, width, seed):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load(tiny_model_dir, dtype=mx.float32)
 
 
 @pytest.mark.parametrize("with_image", [False, True])
 def test_greedy_generate_matches_reference(with_image, loaded, tiny_reference):
     model, processor = loaded
-    images = [picture(84, 140, 1)] if with_image else None
+    images = [random_image(84, 140, 1)] if with_image else None
     prompt = "Describe this picture in detail." if with_image else "Write a haiku about the sea."
     result = generate(model, processor, prompt, images=images, max_tokens=24, temperature=0.0)
     expected = reference_generate(tiny_reference[0], processor(prompt, images=images), 24)
@@ -47,7 +37,7 @@ def test_stream_pieces_join_to_the_text(loaded):
 
 def test_multi_turn_prefills_only_new_tokens_and_matches_from_scratch(loaded):
     model, processor = loaded
-    first, second = picture(56, 112, 2), picture(112, 84, 3)
+    first, second = random_image(56, 112, 2), random_image(112, 84, 3)
     session = ChatSession(model, processor)
     turn1 = session.send("What is in this image?", images=[first], max_tokens=10, temperature=0.0)
     held = len(session.tokens)
@@ -130,7 +120,7 @@ def test_quantized_and_rotating_kv_caches(tmp_path):
                          rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
     folder = make_model_dir(save_reference(make_reference(config, seed=4), tmp_path / "m", config))
     model, processor = load(folder, dtype=mx.float32)
-    images = [picture(84, 84, 5)]
+    images = [random_image(84, 84, 5)]
     base = generate(model, processor, "What is this?", images=images, max_tokens=6, temperature=0.0)
     quantized = generate(model, processor, "What is this?", images=images, max_tokens=6,
                          temperature=0.0, kv_bits=8, kv_group_size=32)

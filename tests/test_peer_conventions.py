@@ -15,7 +15,7 @@ from PIL import Image
 import mlx_qwenvl
 from mlx_qwenvl.chat import ChatSession
 from mlx_qwenvl.cli import expand_multi_value
-from mlx_qwenvl.generate import generate, make_cache, stream_generate, stream_tokens
+from mlx_qwenvl.generate import generate, make_cache, stream_tokens
 from mlx_qwenvl.loading import load
 from reference import STOP, reference_inputs
 
@@ -24,11 +24,6 @@ COMMAND = str(Path(sys.executable).parent / "mlx-qwenvl")
 
 def run(*args, input=None, timeout=120):
     return subprocess.run([COMMAND, *args], capture_output=True, text=True, timeout=timeout, input=input)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load(tiny_model_dir, dtype=mx.float32)
 
 
 @pytest.fixture(scope="module")
@@ -300,3 +295,80 @@ def test_generation_runs_inside_mlx_lm_wired_limit(loaded, monkeypatch):
     monkeypatch.setattr(generation, "wired_limit", recording)
     generate(model, processor, "Hi", max_tokens=2, temperature=0.0)
     assert len(entered) == 1 and entered[0][0] is model and entered[0][1]
+
+
+# ---- what a new user tried (README trial)
+
+def test_usage_errors_are_one_line_and_version(tiny_model_dir):
+    for args, pattern in (
+        (["generate", "--model", str(tiny_model_dir), "-p", "hi", "-m", "0"],
+         r"^error: Invalid value for '--max-tokens' / '-m': 0 is not in the range x>=1\. \(see mlx-qwenvl generate --help\)$"),
+        (["generate", "--model", str(tiny_model_dir), "--image", "-p", "hi"],
+         r"^error: Option '--image' needs at least one value\."),
+        (["generate", "--model", str(tiny_model_dir), "-p", "hi", "--video"],
+         r"^error: Option '--video' needs at least one value\."),
+        (["nonsense"], r"^error: No such command 'nonsense'"),
+    ):
+        result = run(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and re.search(pattern, lines[0]), result.stderr
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"mlx-qwenvl {mlx_qwenvl.__version__}"
+
+
+def test_verbose_takes_mlx_lm_true_false(tiny_model_dir):
+    base = ["generate", "--model", str(tiny_model_dir), "-p", "Hi", "-m", "2", "--temp", "0"]
+    quiet, loud = answer(run(*base, "--verbose", "False")), answer(run(*base, "--verbose", "True"))
+    assert "Prompt:" not in quiet and loud.startswith("==========\n") and "Prompt:" in loud
+    assert quiet == answer(run(*base))
+
+
+def test_api_accepts_what_users_pass(loaded, photos, capsys):
+    model, processor = loaded
+    with pytest.raises(mlx_qwenvl.errors.InputError, match=r"seed \(--seed\) must be a whole number"):
+        generate(model, processor, "Hi", max_tokens=2, seed=-1)
+    with pytest.raises(TypeError, match="stream_generate\\(\\) got an unexpected keyword argument 'bogus'"):
+        generate(model, processor, "Hi", max_tokens=2, bogus=1)
+    # ChatSession takes one image as it is, and mlx-vlm's names, as generate does.
+    expected = generate(model, processor, "What is this?", images=[photos[0]], max_tokens=4, temperature=0.0)
+    for kwargs in (dict(images=photos[0]), dict(image=photos[0]), dict(images=[photos[0]])):
+        session = ChatSession(model, processor)
+        assert session.send("What is this?", max_tokens=4, temp=0.0, **kwargs).tokens == expected.tokens
+    capsys.readouterr()
+    ChatSession(model, processor).send("What is this?", images=photos[0], max_tokens=4, temperature=0.0,
+                                       verbose=True)
+    assert capsys.readouterr().out.startswith("==========\n" + expected.text + "\n==========\nPrompt: ")
+    with pytest.raises(TypeError, match="stream\\(\\) got an unexpected keyword argument 'bogus'"):
+        ChatSession(model, processor).send("Hi", bogus=2)
+
+
+def test_load_takes_dtype_names(tiny_model_dir):
+    model, _ = load(tiny_model_dir, dtype="float16")
+    assert model.language_model.model.norm.weight.dtype == mx.float16
+    with pytest.raises(mlx_qwenvl.errors.ModelLoadError, match="dtype 'float8' is not one of auto, checkpoint"):
+        load(tiny_model_dir, dtype="float8")
+
+
+def test_kv_group_size_follows_the_head_size(tmp_path, loaded):
+    """kv_bits without a group size uses 64, or the largest size dividing the head size."""
+    from processor_fixtures import make_model_dir
+    from reference import make_reference, save_reference, tiny_config
+
+    config = tiny_config(num_attention_heads=2, num_key_value_heads=1,
+                         rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})  # head size 32
+    folder = make_model_dir(save_reference(make_reference(config, seed=4), tmp_path / "m", config))
+    model, processor = load(folder, dtype=mx.float32)
+    options = dict(max_tokens=4, temperature=0.0, kv_bits=8, quantized_kv_start=0)
+    assert (generate(model, processor, "Hi", **options).tokens
+            == generate(model, processor, "Hi", kv_group_size=32, **options).tokens)
+    with pytest.raises(mlx_qwenvl.errors.InputError, match="groups of kv_group_size \\(--kv-group-size\\) 64"):
+        generate(model, processor, "Hi", kv_group_size=64, **options)
+    tiny, tiny_processor = loaded  # head size 16: no group size fits
+    with pytest.raises(mlx_qwenvl.errors.InputError, match="head size 16: this model cannot use a quantized"):
+        generate(tiny, tiny_processor, "Hi", **options)
+
+
+def test_a_picture_given_as_a_video(loaded, photos):
+    model, processor = loaded
+    with pytest.raises(mlx_qwenvl.errors.InputError, match=r"has 1 frame\(s\), a video needs at least 2"):
+        generate(model, processor, "Hi", videos=[photos[0]], max_tokens=2)

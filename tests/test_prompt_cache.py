@@ -1,30 +1,17 @@
 """Conversation state lives in the cache (issue 18): one model serves interleaved
 conversations, and trimming a cache restores the M-RoPE offset of the prefix it keeps."""
 
-import mlx.core as mx
-import numpy as np
 import pytest
-from PIL import Image
 
 from mlx_qwenvl.generate import generate, make_cache, stream_generate
-from mlx_qwenvl.loading import load
 from mlx_qwenvl.model import PromptCache
-
-
-def picture(height, width, seed):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load(tiny_model_dir, dtype=mx.float32)
+from processor_fixtures import random_image
 
 
 def test_interleaved_conversations_on_one_model(loaded):
     """Two image prompts decoded step by step in turns give each its own answer."""
     model, processor = loaded
-    prompts = [("Describe this picture.", [picture(84, 140, 21)]), ("What is here?", [picture(140, 56, 22)])]
+    prompts = [("Describe this picture.", [random_image(84, 140, 21)]), ("What is here?", [random_image(140, 56, 22)])]
     alone = [generate(model, processor, text, images=images, max_tokens=16, temperature=0.0).tokens
              for text, images in prompts]
     streams = [stream_generate(model, processor, text, images=images, max_tokens=16, temperature=0.0)
@@ -44,7 +31,7 @@ def test_trim_restores_the_offset_of_the_prefix(loaded):
     cache = make_cache(model)
     assert isinstance(cache, PromptCache) and cache.rope_delta == 0
     text = processor("Hello there, how are you?")
-    image = processor("What is this?", images=[picture(112, 168, 23)])
+    image = processor("What is this?", images=[random_image(112, 168, 23)])
     model.prefill(text["input_ids"], cache)
     before = cache.offset
     model.prefill(image["input_ids"], cache, pixel_values=image["pixel_values"],
@@ -60,3 +47,32 @@ def test_trim_restores_the_offset_of_the_prefix(loaded):
     cache.trim(start)
     assert cache.offset == start and cache.rope_delta == 0 and cache.vision_calls == []
     assert all(layer.offset == start for layer in cache)
+
+
+def test_a_model_loaded_on_one_thread_answers_on_another(tiny_model_dir):
+    """MLX runs a lazy array on the stream of the thread that made it: every array the model
+    holds is evaluated at load, so a server's worker thread (or an app's) can use it."""
+    import threading
+
+    import mlx.core as mx
+
+    from mlx_qwenvl.loading import load
+
+    model, processor = load(tiny_model_dir, dtype=mx.float32)
+    here = generate(model, processor, "What is this?", images=[random_image(56, 84, 24)], max_tokens=4,
+                    temperature=0.0)
+    model, processor = load(tiny_model_dir, dtype=mx.float32)  # fresh: nothing run on this thread
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(generate(model, processor, "What is this?", images=[random_image(56, 84, 24)],
+                                    max_tokens=4, temperature=0.0).tokens)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(120)
+    assert not errors, errors
+    assert results == [here.tokens]
