@@ -1,7 +1,7 @@
 """Multi-turn conversations that keep the KV cache: each turn prefills only its new tokens,
 so images of earlier turns are never processed or encoded again."""
 
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional
 
 from .generate import (GenerationResponse, collect_verbose, generation_options, make_cache, media_list,
                        stream_tokens)
