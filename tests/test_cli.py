@@ -164,15 +164,28 @@ def test_hub_id_offline_and_not_cached(tmp_path):
     assert_one_line_error(result, r"someone/not-a-model is neither a local folder nor in the hub cache")
 
 
-def test_chat_survives_a_failed_turn(tiny_model_dir):
-    child = pexpect.spawn(COMMAND, ["chat", "--model", str(tiny_model_dir), "--kv-bits", "4",
-                                    "--max-kv-size", "64", "--max-tokens", "4"],
+def test_chat_survives_a_failed_turn(tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "short")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=60)))
+    child = pexpect.spawn(COMMAND, ["chat", "--model", str(folder), "--max-tokens", "4", "--temp", "0"],
                           encoding="utf-8", timeout=60)
     child.expect(">> ")
-    child.sendline("Hello")
-    child.expect(r"error: a quantized KV cache \(kv_bits\) cannot be combined with max_kv_size")
+    child.sendline("word " * 80)  # over the 60-token context: this turn fails, the chat goes on
+    child.expect(r"error: the prompt needs \d+ tokens of context but the model holds 60")
+    child.expect(">> ")
+    child.sendline("Hi")
+    child.expect(r"\[prompt: \d+ tokens")
     child.expect(">> ")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_chat_checks_its_options_before_the_first_question(tiny_model_dir):
+    for args, pattern in ((["--temp", "-1"], r"temperature \(--temp\) must be 0"),
+                          (["--kv-bits", "4"], r"head size 16: this model cannot use a quantized KV cache"),
+                          (["--kv-bits", "4", "--max-kv-size", "64"], r"head size 16")):
+        result = run("chat", "--model", str(tiny_model_dir), *args)
+        assert_one_line_error(result, pattern)

@@ -230,7 +230,7 @@ def test_kv_bits_on_a_head_size_it_cannot_split(loaded):
 @pytest.mark.parametrize("args, pattern", [
     (["--temp", "-1"], r"^error: temperature \(--temp\) must be 0 \(greedy\) or more, got -1.0$"),
     (["--top-p", "0"], r"^error: top_p \(--top-p\) must be in \(0, 1\], got 0.0$"),
-    (["--kv-bits", "4"], r"^error: --kv-bits quantizes .* head size 16: this model cannot use"),
+    (["--kv-bits", "4"], r"^error: kv_bits \(--kv-bits\) quantizes .* head size 16: this model cannot use"),
 ])
 def test_cli_names_the_option_in_one_line(args, pattern, tiny_model_dir):
     import re
@@ -280,6 +280,6 @@ def test_a_failed_turn_says_its_media_were_dropped(loaded, capsys, tmp_path):
     pending = {"images": [str(photo), str(photo)], "videos": []}
     cli.answer_turn(session, "What is this?", pending, dict(CHAT_OPTIONS, kv_bits=4))
     captured = capsys.readouterr()
-    assert "error: --kv-bits" in captured.err
+    assert "error: kv_bits (--kv-bits) quantizes" in captured.err
     assert "(2 images dropped; attach again with /image or /video)" in captured.out
     assert pending["images"] == []
