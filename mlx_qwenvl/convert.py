@@ -2,7 +2,11 @@
 
 The output is the folder layout mlx-community publishes (mlx-vlm's weight names, its
 ``quantization`` entry in config.json, safetensors shards of at most 5 GB with an index),
-so mlx-vlm and the apps built on it load our folders, and we load theirs.
+so mlx-vlm and the apps built on it load our folders, and we load theirs. Quantizing takes
+MLX's modes (affine, mxfp4, nvfp4, mxfp8) and mlx-lm's mixed recipes (``mixed_3_6`` ...), and
+writes config.json as mlx-lm does; AWQ and GPTQ checkpoints (without act-order) become MLX
+affine folders whose weights dequantize exactly to theirs, and the formats without an exact
+MLX form are refused, in one line, before any weight is read.
 
 How it stays light: every source tensor is read lazily, converted in row blocks of about
 64 MB and written straight into its place in the output shard (the shard's header is
@@ -38,15 +42,29 @@ import numpy as np
 
 from .config import ModelArgs, VisionArgs
 from .errors import ModelLoadError, QwenVLError
-from .loading import _short_list, model_skeleton, read_config, resolve_model_path, sanitize, weight_files, weight_layout
+from .loading import (AFFINE_BITS, AFFINE_GROUP_SIZES, FLOAT_MODES, FOREIGN_METHODS, ORIGINAL_SIZES, _short_list,
+                      model_skeleton, read_config, resolve_model_path, sanitize, weight_files, weight_layout,
+                      with_mlx_quantization)
 from .model import Model
 
 MAX_SHARD_BYTES = 5_000_000_000  # "at most 5 GB" in either reading of GB
 HEADER_BYTES, ENTRY_BYTES = 1024, 256  # a shard's file size: its data plus at most this header
 CHUNK_BYTES = 64 << 20  # rows converted and written at a time
+# MLX's CPU quantize of the floating-point modes holds temporaries of 45 (mxfp4) to 80 (nvfp4)
+# bytes an element, affine about 7: their blocks are this many times smaller, so the peak stays
+# near one tensor (nvfp4: 1.3 GB for a 64 MB block, 0.11 GB at 1/16; no slower, measured).
+QUANTIZE_BLOCK_DIVISOR = {"affine": 1, "mxfp8": 4, "mxfp4": 16, "nvfp4": 16}
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-Q_BITS = (2, 3, 4, 5, 6, 8)
-Q_GROUP_SIZES = (32, 64, 128)
+# What mx.quantize takes in this MLX (its table of modes, checked against the library itself):
+# affine in any of these bits and group sizes, each floating-point mode in one (bits, group size).
+Q_BITS = AFFINE_BITS
+Q_GROUP_SIZES = AFFINE_GROUP_SIZES
+Q_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
+MODE_SETTINGS = {mode: (group_size, bits) for (bits, group_size), mode in FLOAT_MODES.items()}
+MODE_DEFAULTS = {"affine": (64, 4), **MODE_SETTINGS}  # (group size, bits) when not given, as mlx-lm
+# Mixed-precision recipes: (low bits, high bits). mlx-lm has the first four of these; mlx-vlm all.
+RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_5": (3, 5), "mixed_3_6": (3, 6),
+           "mixed_3_8": (3, 8), "mixed_4_6": (4, 6), "mixed_4_8": (4, 8)}
 VISION_PREFIX = "vision_tower."
 MERGER_PREFIX = "vision_tower.merger."
 SLEEP_ENV = "MLX_QWENVL_CONVERT_SLEEP"  # test hook, see the module docstring
@@ -114,6 +132,7 @@ class Source:
     specs: dict  # MLX name -> TensorSpec, in file and offset order
     model: Model  # an unevaluated skeleton: shapes and the module tree, no memory
     nbytes: int = 0
+    foreign: Optional["Foreign"] = None  # an AWQ or GPTQ checkpoint, converted exactly
 
     @property
     def quantized(self) -> bool:
@@ -151,16 +170,23 @@ def _spec(file: Path, name: str, entry: dict) -> TensorSpec:
 
 
 def inspect_source(path: Path) -> Source:
-    """Every check that can fail, from config.json and the safetensors headers only."""
+    """Every check that can fail, from config.json and the safetensors headers only (and, for
+    GPTQ, its small g_idx tensors).
+
+    Raises ModelLoadError for a folder that is not a complete Qwen2.5-VL checkpoint, and
+    ConversionError (before any weight file is opened) for another library's quantization
+    that has no exact MLX form.
+    """
     if not path.is_dir():
         raise ModelLoadError(f"model folder {path} does not exist")
     config = read_config(path)
-    args = ModelArgs.from_dict(config)  # another model type or a missing key fails here
-    foreign = config.get("quantization_config") or {}
-    if not args.quantization and isinstance(foreign, dict) and foreign.get("quant_method"):
-        raise ModelLoadError(
-            f"{path} is a {foreign['quant_method']}-quantized checkpoint; convert from the 16-bit original"
-        )
+    ModelArgs.from_dict(config)  # another model type or a missing key is the first thing to say
+    foreign = foreign_format(config, path)
+    if foreign is not None:
+        settings = {**config, "quantization": {"group_size": foreign.group_size, "bits": foreign.bits}}
+    else:
+        settings = with_mlx_quantization(config, str(path))  # MLX settings under any key
+    args = ModelArgs.from_dict(settings)
     if args.quantization is not None and not {"group_size", "bits"} <= set(args.quantization):
         raise ModelLoadError(f"{path}/config.json has a quantization entry without group_size and bits")
     files = weight_files(path)  # a shard listed in the index but absent fails here
@@ -179,11 +205,189 @@ def inspect_source(path: Path) -> Source:
         ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
         renamed = sanitize({name: _spec(file, name, entry) for name, entry in ordered}, args)
         specs.update(renamed)
+    raw = specs
+    if foreign is not None:
+        specs = foreign_specs(raw, foreign, path)
 
     model = model_skeleton(args, {name: spec.shape for name, spec in specs.items()}, where=f"{path}: ")
-    source = Source(path, config, args, files, specs, model)
-    source.nbytes = sum(spec.nbytes for spec in specs.values())
+    source = Source(path, config, args, files, specs, model, foreign=foreign)
+    source.nbytes = sum(spec.nbytes for spec in raw.values())
+    if foreign is not None:
+        check_group_index(source)
     return source
+
+
+# --------------------------------------------------------------------------- other libraries
+
+
+AWQ_POSITIONS = (0, 4, 1, 5, 2, 6, 3, 7)  # AutoAWQ GEMM: value j of a word sits in nibble AWQ_POSITIONS[j]
+GPTQ_BITS = (2, 4, 8)  # the widths that fill 32-bit words exactly, as MLX packs them
+GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what is added to a stored zero point
+
+
+@dataclass
+class Foreign:
+    """An AWQ or GPTQ checkpoint, which maps onto MLX's affine quantization exactly: their
+    weight is (q - zero) * scale, MLX's q * scale + bias, so bias = -zero * scale (computed and
+    stored in float32, where it is exact: a 16-bit scale times a zero of at most 2**8)."""
+
+    method: str  # "AWQ" or "GPTQ"
+    bits: int
+    group_size: int
+    zero_offset: int = 0  # added to each stored zero point (AutoGPTQ's "gptq" format stores zero - 1)
+    layers: dict = field(default_factory=dict)  # MLX module path -> {"qweight": MLX name, ...}
+    sizes: dict = field(default_factory=dict)  # MLX name of each of those tensors -> its bytes
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+
+def _foreign_settings(config: dict) -> Optional[dict]:
+    """The quantization_config of another library (with a quant_method), unless an MLX
+    ``quantization`` entry describes the weights (an MLX folder keeping its source's leftover)."""
+    if config.get("quantization") is not None:
+        return None
+    settings = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if isinstance(settings, dict) and settings.get("quant_method") is not None:
+        return settings
+    return None
+
+
+def foreign_refusal(settings: dict) -> Optional[str]:
+    """What a foreign ``quantization_config`` holds, in words, when it has no exact MLX form;
+    None for the AWQ and GPTQ layouts convert maps exactly."""
+    method = str(settings.get("quant_method")).lower()
+    label = FOREIGN_METHODS.get(method, str(settings.get("quant_method")))
+    bits, group_size = settings.get("bits"), settings.get("group_size")
+    if method == "awq":
+        version = str(settings.get("version", "gemm")).lower()
+        if version != "gemm":
+            return f"AWQ weights packed for its {version} kernel (only GEMM packing is mapped)"
+        if bits != 4:
+            return f"{bits}-bit AWQ weights (AWQ packs 4-bit)"
+        if settings.get("zero_point") is False:
+            return "AWQ weights without zero points"
+    elif method == "gptq":
+        if settings.get("desc_act"):
+            return "GPTQ weights quantized with act-order (desc_act: groups that are not runs of consecutive inputs)"
+        if bits not in GPTQ_BITS:
+            return f"{bits}-bit GPTQ weights (only 2, 4 and 8 bits pack into words as MLX's do)"
+        if str(settings.get("checkpoint_format", "gptq")).lower() not in GPTQ_FORMATS:
+            return f"GPTQ weights in the {settings.get('checkpoint_format')} layout"
+    elif method in ("fp8", "fbgemm_fp8"):
+        return f"{label} weights (8-bit floats with block scales)"
+    elif method == "bitsandbytes":
+        return "bitsandbytes weights (NF4/FP4 code books or int8 with outlier columns)"
+    else:
+        return f"{label}-quantized weights"
+    if group_size not in AFFINE_GROUP_SIZES:
+        return f"{label} weights in groups of {group_size} (MLX groups 32, 64 or 128 weights)"
+    return None
+
+
+def convert_instead(config: dict) -> str:
+    """Where an exact MLX folder can come from instead: named for the published sizes."""
+    width = (config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size")
+    size = ORIGINAL_SIZES.get(width)
+    if size:
+        original = f"Qwen/Qwen2.5-VL-{size}-Instruct"
+        return (f"convert from the 16-bit original (`mlx-qwenvl convert --hf-path {original} -q`) or from "
+                f"{original}-AWQ, which converts exactly")
+    return ("convert from the 16-bit checkpoint it was made from (`mlx-qwenvl convert --hf-path "
+            "<16-bit checkpoint> -q`) or from an AWQ or GPTQ (without act-order) checkpoint, which converts exactly")
+
+
+def foreign_format(config: dict, where) -> Optional[Foreign]:
+    """The Foreign format of a config whose quantization_config names AWQ or GPTQ; None for a
+    float or MLX checkpoint. Raises ConversionError, in one line saying what to convert from
+    instead, for every other library's quantization and for the AWQ/GPTQ variants that have
+    no exact MLX form (GPTQ act-order, AWQ GEMV packing, odd bit widths or group sizes)."""
+    settings = _foreign_settings(config)
+    if settings is None:
+        return None
+    refusal = foreign_refusal(settings)
+    if refusal:
+        raise ConversionError(f"{where} holds {refusal}, which have no exact MLX form; {convert_instead(config)}")
+    method = str(settings["quant_method"]).lower()
+    offset = GPTQ_FORMATS[str(settings.get("checkpoint_format", "gptq")).lower()] if method == "gptq" else 0
+    return Foreign(method.upper(), settings["bits"], settings["group_size"], offset)
+
+
+def _foreign_shape(foreign: Foreign, parts: dict, path: str, where) -> tuple:
+    """``(out, in)`` of one layer from its qweight, qzeros, scales (and g_idx) specs.
+
+    AWQ stores qweight [in, out / per word], GPTQ [in / per word, out]; both qzeros
+    [in / group, out / per word] and scales [in / group, out]. Raises ModelLoadError when the
+    tensors do not fit together as the config's bits and group size say."""
+    q, per, g = parts["qweight"].shape, foreign.per_word, foreign.group_size
+    width, rows = (q[0], q[-1] * per) if foreign.method == "AWQ" else (q[0] * per, q[-1])
+    expected = {
+        "qweight": (width, rows // per) if foreign.method == "AWQ" else (width // per, rows),
+        "qzeros": (width // g, rows // per),
+        "scales": (width // g, rows),
+        "g_idx": (width,),
+    }
+    kinds = {"qweight": (mx.int32, mx.uint32), "qzeros": (mx.int32, mx.uint32), "g_idx": (mx.int32, mx.int64),
+             "scales": (mx.float16, mx.bfloat16, mx.float32)}
+    fits = len(q) == 2 and width % g == 0 and rows % per == 0 and all(
+        spec.shape == expected[part] and spec.dtype in kinds[part] for part, spec in parts.items())
+    if not fits:
+        shapes = ", ".join(f"{part} {spec.shape} {ST_NAMES[spec.dtype]}" for part, spec in parts.items())
+        raise ModelLoadError(f"{where}: {path} is not a {foreign.method} layer of {foreign.bits}-bit weights in "
+                             f"groups of {g}: {shapes}")
+    return rows, width
+
+
+def foreign_specs(specs: dict, foreign: Foreign, where) -> dict:
+    """The MLX tensors a foreign checkpoint converts to, by MLX name, in the source's order:
+    each quantized layer's qweight, qzeros, scales (and g_idx) become the uint32 weight
+    [out, in * bits / 32] and float32 scales and biases [out, in / group] MLX stores. Records
+    each layer's source tensors in ``foreign.layers``. Raises ModelLoadError as _foreign_shape,
+    and for a qweight without its qzeros or scales."""
+    layers = {name[: -len(".qweight")] for name in specs if name.endswith(".qweight")}
+    out = {}
+    for name, spec in specs.items():
+        path, _, leaf = name.rpartition(".")
+        if path not in layers or leaf not in ("qweight", "qzeros", "scales", "g_idx"):
+            out[name] = spec  # every other tensor (a quantized layer's bias too) as it is
+            continue
+        if leaf != "qweight":
+            continue  # read with the qweight
+        parts = {part: f"{path}.{part}" for part in ("qweight", "qzeros", "scales", "g_idx")
+                 if f"{path}.{part}" in specs}
+        missing = [f"{path}.{part}" for part in ("qzeros", "scales") if part not in parts]
+        if missing:
+            raise ModelLoadError(f"{where}: {name} has no {' or '.join(missing)}")
+        rows, width = _foreign_shape(foreign, {part: specs[n] for part, n in parts.items()}, path, where)
+        foreign.layers[path] = parts
+        foreign.sizes.update({n: specs[n].nbytes for n in parts.values()})
+        groups = width // foreign.group_size
+        out[f"{path}.weight"] = TensorSpec((rows, width * foreign.bits // 32), mx.uint32)
+        out[f"{path}.scales"] = TensorSpec((rows, groups), mx.float32)
+        out[f"{path}.biases"] = TensorSpec((rows, groups), mx.float32)
+    return out
+
+
+def check_group_index(source: Source) -> None:
+    """GPTQ's g_idx (the group of each input) must be input // group_size: consecutive runs, as
+    MLX groups them. Act-order checkpoints scatter it even where the config does not say so.
+    Reads only the g_idx tensors (int32 [in], small). Raises ConversionError naming the layer."""
+    foreign = source.foreign
+    if not any("g_idx" in parts for parts in foreign.layers.values()):
+        return
+    arrays = {}
+    for file in source.files:
+        arrays.update(sanitize(mx.load(str(file)), source.args))  # lazy: only what is evaluated is read
+    for path, parts in foreign.layers.items():
+        if "g_idx" not in parts:
+            continue
+        index = arrays[parts["g_idx"]]
+        expected = mx.arange(index.shape[0]) // foreign.group_size
+        if not mx.array_equal(index.astype(mx.int64), expected.astype(mx.int64)).item():
+            raise ConversionError(
+                f"{source.path}: {path} has a GPTQ g_idx that is not input // group_size (act-order groups), "
+                f"which has no exact MLX form; {convert_instead(source.config)}")
 
 
 # --------------------------------------------------------------------------- the plan
@@ -191,23 +395,30 @@ def inspect_source(path: Path) -> Source:
 
 @dataclass
 class Job:
-    """One source tensor (and, dequantizing, its scales and biases) to its output tensors."""
+    """One source tensor (with, dequantizing or unpacking, its companions) to its output tensors."""
 
-    kind: str  # "cast", "quantize" or "dequantize"
+    kind: str  # "cast", "quantize", "dequantize" or "unpack" (an AWQ/GPTQ layer)
     source: str  # MLX name of the tensor read
     outputs: list  # [(name, dtype, shape)], written in this order
     nbytes: int  # source bytes, for progress
     group_size: int = 0
     bits: int = 0
     mode: str = "affine"
+    dtype: Optional[mx.Dtype] = None  # quantizing: the float dtype the weight is quantized from
+    parts: dict = field(default_factory=dict)  # unpacking: the layer's qzeros, scales (g_idx) names
+    packing: str = ""  # unpacking: "AWQ" or "GPTQ"
+    zero_offset: int = 0  # unpacking: added to each stored zero point
 
 
 @dataclass
 class Plan:
     jobs: list
     shards: list = field(default_factory=list)  # [(file name, [jobs])]
-    quantization: Optional[dict] = None
+    quantization: Optional[dict] = None  # config.json's entry
     dtype: Optional[mx.Dtype] = None
+    mode: str = "affine"
+    recipe: Optional[str] = None
+    foreign: Optional[Foreign] = None
 
     @property
     def nbytes(self) -> int:
@@ -218,19 +429,64 @@ def _nbytes(dtype, shape) -> int:
     return math.prod(shape) * dtype.size
 
 
-def quantizable_weights(model: Model, group_size: int, quantize_vision: bool) -> set:
-    """The ``.weight`` of every layer mlx-lm would quantize (Linear, Embedding) whose input
-    width divides into groups; the vision blocks only when asked. The patch merger, which
-    projects into the language model's embedding space, stays 16-bit as in mlx-vlm."""
-    names = set()
+def _out_dtype(dtype, spec: TensorSpec):
+    """A floating-point tensor's output dtype: ``dtype``, or its own when None; others keep theirs."""
+    return dtype if dtype is not None and mx.issubdtype(spec.dtype, mx.floating) else spec.dtype
+
+
+def recipe_bits(recipe: str, num_layers: int) -> Callable[[str], int]:
+    """Bits for a language-model layer path under a mixed recipe, by mlx-lm's rule
+    (mlx_lm.convert.mixed_quant_predicate_builder, after llama.cpp's Q4_K_M): the high bits
+    for the output head, and for v_proj and down_proj in the first and last eighth of the
+    decoder layers and every third layer between; the low bits elsewhere, the input embedding
+    included (as mlx-lm; mlx-vlm gives it the high bits). Paths without a layer index count
+    as layer 0, as in mlx-lm."""
+    low, high = RECIPES[recipe]
+    first, last = num_layers // 8, 7 * num_layers // 8
+
+    def bits(path: str) -> int:
+        parts = path.split(".")
+        # mlx-lm reads the index where its first down_proj path has one: language_model.model.layers.<i>
+        index = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
+        more = index < first or index >= last or (index - first) % 3 == 2
+        if more and any(key in path for key in ("v_proj", "v_a_proj", "v_b_proj", "down_proj")):
+            return high
+        return high if "lm_head" in path else low
+
+    return bits
+
+
+def quantization_choices(model: Model, group_size: int, bits: Optional[int], mode: str = "affine",
+                         quantize_vision: bool = False, recipe: Optional[str] = None) -> dict:
+    """Weight name -> {"group_size", "bits", "mode"} for each layer convert quantizes.
+
+    Those are the layers mlx-lm would quantize (Linear, Embedding) whose input width divides
+    into groups, the vision blocks only when asked; the patch merger, which projects into the
+    language model's embedding space, stays unquantized as in mlx-vlm. A recipe sets each
+    language-model layer's bits (recipe_bits) instead of ``bits``; it never covers the vision
+    tower (as in mlx-vlm). ``model`` can be an unevaluated skeleton."""
+    rule = recipe_bits(recipe, len(model.language_model.model.layers)) if recipe else None
+    choices = {}
     for path, module in model.named_modules():
-        if not hasattr(module, "to_quantized"):
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
             continue
-        if path.startswith(VISION_PREFIX) and (not quantize_vision or path.startswith(MERGER_PREFIX)):
+        if path.startswith(VISION_PREFIX) and (rule or not quantize_vision or path.startswith(MERGER_PREFIX)):
             continue
-        if module.weight.shape[-1] % group_size == 0:
-            names.add(f"{path}.weight")
-    return names
+        choices[f"{path}.weight"] = {"group_size": group_size, "bits": rule(path) if rule else bits, "mode": mode}
+    return choices
+
+
+def _config_entry(choices: dict, group_size: int, bits: int, mode: str, recipe: Optional[str]) -> dict:
+    """config.json's ``quantization`` as mlx-lm writes it: the default settings ("mode" only for
+    the floating-point modes, so that older readers see the affine entry they know) and, with a
+    recipe, every quantized layer's settings under its module path."""
+    entry = {"group_size": group_size, "bits": RECIPES[recipe][0] if recipe else bits}
+    if mode != "affine":
+        entry["mode"] = mode
+    if recipe:
+        for name, settings in choices.items():
+            entry[name[: -len(".weight")]] = {"group_size": settings["group_size"], "bits": settings["bits"]}
+    return entry
 
 
 def _layer_quantization(quantization: dict, path: str) -> tuple:
@@ -239,48 +495,82 @@ def _layer_quantization(quantization: dict, path: str) -> tuple:
     return params["group_size"], params["bits"], params.get("mode", quantization.get("mode", "affine"))
 
 
-def make_plan(source: Source, dtype, quantize, q_bits, q_group_size, quantize_vision, dequantize) -> Plan:
-    def out_dtype(spec):
-        return dtype if dtype is not None and mx.issubdtype(spec.dtype, mx.floating) else spec.dtype
-
-    jobs = []
+def make_plan(source: Source, dtype, quantize, q_bits, q_group_size, quantize_vision, dequantize,
+              q_mode: str = "affine", recipe: Optional[str] = None) -> Plan:
+    """The jobs and shards of a conversion: dequantizing an MLX folder, unpacking an AWQ/GPTQ
+    checkpoint, or casting a float checkpoint and quantizing its layers as asked."""
     if dequantize:
-        quantization = source.args.quantization
-        for name, spec in source.specs.items():
-            path, _, leaf = name.rpartition(".")
-            if leaf in ("scales", "biases") and f"{path}.weight" in source.specs and (
-                f"{path}.scales" in source.specs
-            ):
-                continue  # consumed with the weight
-            if leaf == "weight" and f"{path}.scales" in source.specs:
-                group_size, bits, mode = _layer_quantization(quantization, path)
-                shape = (*spec.shape[:-1], spec.shape[-1] * 32 // bits)
-                nbytes = sum(source.specs[f"{path}.{part}"].nbytes for part in ("weight", "scales", "biases")
-                             if f"{path}.{part}" in source.specs)
-                jobs.append(Job("dequantize", name, [(name, dtype, shape)], nbytes, group_size, bits, mode))
-            else:
-                jobs.append(Job("cast", name, [(name, out_dtype(spec), spec.shape)], spec.nbytes))
-        return _shard(Plan(jobs, dtype=dtype))
+        return _shard(_dequantize_plan(source, dtype))
+    if source.foreign is not None:
+        return _shard(_unpack_plan(source, dtype))
 
-    quantized = quantizable_weights(source.model, q_group_size, quantize_vision) if quantize else set()
+    def out_dtype(spec):
+        return _out_dtype(dtype, spec)
+
+    choices = (quantization_choices(source.model, q_group_size, q_bits, q_mode, quantize_vision, recipe)
+               if quantize else {})
+    jobs = []
     for name, spec in source.specs.items():
-        if name in quantized:
-            path = name[: -len(".weight")]
-            rows, width = spec.shape[:-1], spec.shape[-1]
-            outputs = [
-                (name, mx.uint32, (*rows, width * q_bits // 32)),
-                (f"{path}.scales", out_dtype(spec), (*rows, width // q_group_size)),
-                (f"{path}.biases", out_dtype(spec), (*rows, width // q_group_size)),
-            ]
-            jobs.append(Job("quantize", name, outputs, spec.nbytes, q_group_size, q_bits))
-        else:
+        if name not in choices:
             jobs.append(Job("cast", name, [(name, out_dtype(spec), spec.shape)], spec.nbytes))
-    plan = Plan(jobs, dtype=dtype)
+            continue
+        settings, path, compute = choices[name], name[: -len(".weight")], out_dtype(spec)
+        rows, width, group_size, bits = spec.shape[:-1], spec.shape[-1], settings["group_size"], settings["bits"]
+        groups = (*rows, width // group_size)
+        # Affine stores scales and biases in the weights' dtype; the floating-point modes store
+        # one 8-bit scale a group (mx.quantize returns uint8) and no biases.
+        outputs = [(name, mx.uint32, (*rows, width * bits // 32)),
+                   (f"{path}.scales", compute if q_mode == "affine" else mx.uint8, groups)]
+        if q_mode == "affine":
+            outputs.append((f"{path}.biases", compute, groups))
+        jobs.append(Job("quantize", name, outputs, spec.nbytes, group_size, bits, q_mode, dtype=compute))
+    plan = Plan(jobs, dtype=dtype, mode=q_mode, recipe=recipe)
     if quantize:
-        plan.quantization = {"group_size": q_group_size, "bits": q_bits}
+        plan.quantization = _config_entry(choices, q_group_size, q_bits, q_mode, recipe)
     elif source.quantized:
         plan.quantization = dict(source.args.quantization)
     return _shard(plan)
+
+
+def _dequantize_plan(source: Source, dtype) -> Plan:
+    jobs, quantization = [], source.args.quantization
+    for name, spec in source.specs.items():
+        path, _, leaf = name.rpartition(".")
+        if leaf in ("scales", "biases") and f"{path}.weight" in source.specs and f"{path}.scales" in source.specs:
+            continue  # consumed with the weight
+        if leaf == "weight" and f"{path}.scales" in source.specs:
+            group_size, bits, mode = _layer_quantization(quantization, path)
+            shape = (*spec.shape[:-1], spec.shape[-1] * 32 // bits)
+            nbytes = sum(source.specs[f"{path}.{part}"].nbytes for part in ("weight", "scales", "biases")
+                         if f"{path}.{part}" in source.specs)
+            jobs.append(Job("dequantize", name, [(name, dtype, shape)], nbytes, group_size, bits, mode))
+        else:
+            jobs.append(Job("cast", name, [(name, _out_dtype(dtype, spec), spec.shape)], spec.nbytes))
+    return Plan(jobs, dtype=dtype)
+
+
+def _unpack_plan(source: Source, dtype) -> Plan:
+    """An AWQ/GPTQ checkpoint: each quantized layer unpacked into MLX's weight, scales and
+    biases (float32, for exactness, whatever ``dtype``), every other tensor cast to ``dtype``
+    (None: as stored)."""
+    foreign, jobs = source.foreign, []
+    for name, spec in source.specs.items():
+        path, _, leaf = name.rpartition(".")
+        if path in foreign.layers and leaf in ("scales", "biases"):
+            continue  # written by the weight's job
+        if path in foreign.layers and leaf == "weight":
+            parts = foreign.layers[path]
+            outputs = [(name, spec.dtype, spec.shape)] + [
+                (f"{path}.{part}", mx.float32, source.specs[f"{path}.{part}"].shape) for part in ("scales", "biases")]
+            nbytes = sum(foreign.sizes[part] for part in parts.values())
+            jobs.append(Job("unpack", parts["qweight"], outputs, nbytes, foreign.group_size, foreign.bits,
+                            parts={key: value for key, value in parts.items() if key != "qweight"},
+                            packing=foreign.method, zero_offset=foreign.zero_offset))
+            continue
+        jobs.append(Job("cast", name, [(name, _out_dtype(dtype, spec), spec.shape)], spec.nbytes))
+    plan = Plan(jobs, dtype=dtype, foreign=foreign)
+    plan.quantization = {"group_size": foreign.group_size, "bits": foreign.bits}
+    return plan
 
 
 def _shard(plan: Plan) -> Plan:
@@ -352,13 +642,14 @@ class SafetensorsWriter:
         self.file.close()
 
 
-def _row_blocks(shape: tuple, itemsize: int):
-    """Row ranges of about CHUNK_BYTES; one block for tensors without rows."""
+def _row_blocks(shape: tuple, itemsize: int, align: int = 1):
+    """Row ranges of about CHUNK_BYTES, starting at multiples of ``align``; one block for
+    tensors without rows."""
     if len(shape) < 2:
         yield None
         return
     row_bytes = max(1, math.prod(shape[1:]) * itemsize)
-    step = max(1, CHUNK_BYTES // row_bytes)
+    step = max(align, CHUNK_BYTES // row_bytes // align * align)
     for start in range(0, shape[0], step):
         yield start, min(start + step, shape[0])
 
@@ -368,17 +659,26 @@ def run_job(job: Job, arrays: dict, writer: SafetensorsWriter) -> None:
     if job.kind == "dequantize":
         path = job.source[: -len(".weight")]
         scales, biases = arrays.pop(f"{path}.scales"), arrays.pop(f"{path}.biases", None)
-    # Blocks are sized on the unpacked shape with float32 intermediates in mind.
+    if job.kind == "unpack":
+        parts = {key: arrays.pop(name) for key, name in job.parts.items()}
+    # Blocks are sized on the output's (unpacked) shape with float32 intermediates in mind.
     shape = job.outputs[0][2] if job.kind == "dequantize" else source.shape
+    if job.kind == "unpack":
+        shape = (job.outputs[0][2][0], job.outputs[0][2][1] * 32 // job.bits)
     dtype = job.outputs[0][1]
-    for block in _row_blocks(tuple(shape), 4):
+    # An unpacked block starts at a whole packed word of the foreign tensors' output columns.
+    align = 32 // job.bits if job.kind == "unpack" else 1
+    itemsize = 4 * (QUANTIZE_BLOCK_DIVISOR[job.mode] if job.kind == "quantize" else 1)
+    for block in _row_blocks(tuple(shape), itemsize, align):
         rows = slice(None) if block is None else slice(*block)
         row = 0 if block is None else block[0]
         if job.kind == "cast":
             outputs = [source[rows].astype(dtype)]
         elif job.kind == "quantize":
-            weight = source[rows].astype(job.outputs[1][1])
-            outputs = mx.quantize(weight, group_size=job.group_size, bits=job.bits)
+            outputs = mx.quantize(source[rows].astype(job.dtype), group_size=job.group_size, bits=job.bits,
+                                  mode=job.mode)
+        elif job.kind == "unpack":
+            outputs = unpack_rows(job, source, parts["qzeros"], parts["scales"], block or (0, shape[0]))
         else:
             outputs = [mx.dequantize(source[rows], scales[rows], None if biases is None else biases[rows],
                                      group_size=job.group_size, bits=job.bits, mode=job.mode).astype(dtype)]
@@ -388,6 +688,46 @@ def run_job(job: Job, arrays: dict, writer: SafetensorsWriter) -> None:
         del outputs
     del source
     mx.clear_cache()
+
+
+def _unpack(packed: mx.array, bits: int, positions) -> mx.array:
+    """uint32 [..., n] words -> [..., n * 32 / bits] values; value j of a word from bits
+    ``positions[j] * bits`` upwards."""
+    shifts = mx.array([position * bits for position in positions], dtype=mx.uint32)
+    values = (packed.view(mx.uint32)[..., None] >> shifts) & ((1 << bits) - 1)
+    return values.reshape(*packed.shape[:-1], -1)
+
+
+def _pack(values: mx.array, bits: int) -> mx.array:
+    """uint32 [rows, n] values -> [rows, n * bits / 32] words as MLX packs them: value j of a
+    word from bit j * bits upwards (the fields are disjoint, so the sum is their bitwise or)."""
+    per = 32 // bits
+    shifts = mx.arange(per, dtype=mx.uint32) * bits
+    return (values.reshape(values.shape[0], -1, per) << shifts).sum(axis=-1).astype(mx.uint32)
+
+
+def unpack_rows(job: Job, qweight: mx.array, qzeros: mx.array, scales: mx.array, block: tuple) -> list:
+    """Output rows ``block`` (start, stop: multiples of 32 / bits) of an AWQ or GPTQ layer as
+    MLX's [weight uint32 [rows, in * bits / 32], scales float32, biases float32 [rows, groups]].
+
+    Their weight is (q - zero) * scale, MLX's q * scale + bias: so bias = -zero * scale, exact
+    in float32 (a 16-bit scale times an integer of at most 2**8), and MLX's dequantization gives
+    their float32 weights bit for bit. AWQ packs qweight and qzeros along the outputs in the
+    order 0 2 4 6 1 3 5 7; GPTQ packs qweight along the inputs in order, as MLX does (its words
+    are MLX's, transposed), and qzeros along the outputs in order."""
+    start, stop = block
+    bits, per = job.bits, 32 // job.bits
+    words = slice(start // per, stop // per)
+    if job.packing == "AWQ":  # qweight [in, out / per]
+        values = _unpack(qweight[:, words], bits, AWQ_POSITIONS)  # [in, rows]
+        weight = _pack(mx.contiguous(values.T), bits)
+        zeros = _unpack(qzeros[:, words], bits, AWQ_POSITIONS).T
+    else:
+        weight = mx.contiguous(qweight[:, start:stop].T).view(mx.uint32)  # GPTQ: qweight [in / per, out]
+        zeros = _unpack(qzeros[:, words], bits, range(per)).T
+    scale = scales[:, start:stop].T.astype(mx.float32)
+    biases = -(zeros.astype(mx.float32) + job.zero_offset) * scale
+    return [weight, mx.contiguous(scale), biases]
 
 
 def mlx_config(config: dict, args: ModelArgs, quantization: Optional[dict]) -> dict:
@@ -468,10 +808,8 @@ def model_card(hf_path: str, source: Source, plan: Plan, upload_repo: Optional[s
     front.append("---")
     dtype_name = _dtype_name(plan.dtype) if plan.dtype is not None else "the source's dtype"
     if plan.quantization:
-        q = plan.quantization
         tower = "quantized too" if quantize_vision else f"kept in {dtype_name}"
-        what = (f"{q['bits']}-bit (affine, group size {q['group_size']}) language model; "
-                f"vision tower {tower}")
+        what = f"{quantization_words(plan)} language model; vision tower {tower}"
     else:
         what = f"{dtype_name} weights"
     source_link = f"[`{hf_path}`](https://huggingface.co/{hf_path})" if is_hub_id else f"`{hf_path}`"
@@ -604,40 +942,127 @@ def _finalize(temporary: Path, target: Path, force: bool) -> None:
 # --------------------------------------------------------------------------- convert
 
 
+def check_quantization_options(quantize: bool, q_bits: Optional[int], q_group_size: Optional[int],
+                               q_mode: str, quant_predicate: Optional[str], quantize_vision: bool,
+                               dequantize: bool) -> tuple:
+    """``(group_size, bits)`` for the options (each mode's defaults where not given, as mlx-lm),
+    or ConversionError in one line for a combination MLX or the recipes do not have."""
+    if quantize and dequantize:
+        raise ConversionError("choose either quantizing (-q) or dequantizing (-d), not both")
+    if q_mode not in Q_MODES:
+        raise ConversionError(f"q_mode must be one of {', '.join(Q_MODES)}, not {q_mode!r}")
+    if quant_predicate is not None and quant_predicate not in RECIPES:
+        raise ConversionError(f"quant_predicate must be one of {', '.join(RECIPES)}, not {quant_predicate!r}")
+    given = [("quantizing the vision tower (--quantize-vision)", quantize_vision),
+             ("--q-mode " + q_mode, q_mode != "affine"), (f"--quant-predicate {quant_predicate}", quant_predicate),
+             ("--q-bits", q_bits is not None), ("--q-group-size", q_group_size is not None)]
+    for what, present in given:
+        if present and not quantize:
+            raise ConversionError(f"{what} needs quantize (-q)")
+    default_group, default_bits = MODE_DEFAULTS[q_mode]
+    group_size = default_group if q_group_size is None else q_group_size
+    bits = default_bits if q_bits is None else q_bits
+    if not quantize:
+        return group_size, bits
+    if quant_predicate is not None:
+        low, high = RECIPES[quant_predicate]
+        if q_mode != "affine":
+            raise ConversionError(f"the mixed recipes (--quant-predicate) quantize in affine mode only, "
+                                  f"not {q_mode} (as in mlx-lm)")
+        if q_bits is not None:
+            raise ConversionError(f"--quant-predicate {quant_predicate} sets each layer's bits ({low} or {high}); "
+                                  f"leave q_bits (--q-bits) out")
+        if quantize_vision:
+            raise ConversionError("the mixed recipes (--quant-predicate) cover the language model only, as in "
+                                  "mlx-vlm; drop --quantize-vision or the recipe")
+    if q_mode != "affine":
+        if (group_size, bits) != (default_group, default_bits):
+            raise ConversionError(
+                f"{q_mode} quantizes {default_bits}-bit weights in groups of {default_group} only, not "
+                f"{bits}-bit in groups of {group_size}; leave --q-bits and --q-group-size out")
+        return group_size, bits
+    if bits not in Q_BITS:
+        raise ConversionError(f"q_bits must be one of {', '.join(map(str, Q_BITS))} for affine quantization, "
+                              f"not {bits}")
+    if group_size not in Q_GROUP_SIZES:
+        raise ConversionError(f"q_group_size must be one of {', '.join(map(str, Q_GROUP_SIZES))} for affine "
+                              f"quantization, not {group_size}")
+    return group_size, bits
+
+
+def check_source_options(source: Source, quantize: bool, dequantize: bool) -> None:
+    """ConversionError (one line) for -q on a quantized source and -d on an unquantized or a
+    foreign (AWQ/GPTQ) one."""
+    path = source.path
+    if source.foreign is not None and (quantize or dequantize):
+        method = source.foreign.method
+        if quantize:
+            raise ConversionError(f"{path} is already quantized ({method} {source.foreign.bits}-bit), and converts "
+                                  f"to MLX exactly as it is; drop -q")
+        raise ConversionError(f"{path} holds {method} weights; convert it without -d (an exact MLX folder), then "
+                              f"dequantize that folder with -d")
+    if dequantize and not source.quantized:
+        raise ConversionError(f"{path} is not quantized; there is nothing to dequantize")
+    if quantize and source.quantized:
+        bits = source.args.quantization.get("bits")
+        raise ConversionError(
+            f"{path} is already quantized ({bits}-bit); convert the 16-bit checkpoint, or dequantize first")
+
+
+def _precheck_hub_config(hf_path) -> None:
+    """A hub id's config.json alone, so that a quantization with no exact MLX form is refused
+    (ConversionError) before the weights are downloaded; any other problem is left to
+    resolve_model_path, which reports it."""
+    name = str(hf_path)
+    if name == "demo" or Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return
+    try:
+        from huggingface_hub import snapshot_download  # (hf_hub_download retries for ~25 s offline)
+
+        config = json.loads((Path(snapshot_download(name, allow_patterns=["config.json"])) / "config.json").read_text())
+    except Exception:  # offline, unknown, gated: resolve_model_path says which
+        return
+    if isinstance(config, dict):
+        foreign_format(config, name)
+
+
 def convert(
     hf_path,
     mlx_path="mlx_model",
     dtype: Optional[str] = None,
     quantize: bool = False,
-    q_bits: int = 4,
-    q_group_size: int = 64,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
     quantize_vision: bool = False,
     dequantize: bool = False,
     upload_repo: Optional[str] = None,
     force: bool = False,
     progress: Optional[Callable[[int, int, str], None]] = None,
     log: Optional[Callable[[str], None]] = None,
+    q_mode: str = "affine",
+    quant_predicate: Optional[str] = None,
 ) -> Path:
     """Convert a Qwen2.5-VL checkpoint (hub id or folder) into an MLX folder; returns its path.
 
     ``dtype`` ('float16', 'bfloat16', 'float32') defaults to the source config's dtype
     (dequantizing: the scales' 16-bit dtype). ``quantize`` stores the language model's
-    Linear and Embedding weights with ``q_bits`` bits per weight in groups of
-    ``q_group_size``; the vision tower stays 16-bit unless ``quantize_vision``.
-    ``dequantize`` turns a quantized MLX folder back into 16-bit weights. ``progress``
-    is called as ``progress(done_bytes, total_bytes, tensor_name)``; ``log`` gets the
-    one-line summaries.
+    Linear and Embedding weights in ``q_mode`` ('affine', 'mxfp4', 'nvfp4', 'mxfp8') with
+    ``q_bits`` bits per weight in groups of ``q_group_size`` (None: the mode's defaults,
+    affine 4-bit in groups of 64, as mlx-lm); ``quant_predicate`` names a mixed recipe
+    (``mixed_3_6`` etc.: mlx-lm's per-layer choice of the low and high bits). The vision
+    tower stays 16-bit unless ``quantize_vision``. ``dequantize`` turns a quantized MLX
+    folder back into 16-bit weights. An AWQ or GPTQ checkpoint (without act-order) becomes
+    MLX affine weights that dequantize exactly to its own. ``progress`` is called as
+    ``progress(done_bytes, total_bytes, tensor_name)``; ``log`` gets the one-line summaries.
+
+    Raises ConversionError (one line) for options MLX does not have, other libraries'
+    quantization without an exact MLX form, and failures while writing; ModelLoadError for
+    a source that is not a complete Qwen2.5-VL checkpoint; ConversionInterrupted on Ctrl-C.
+    Nothing is left at ``mlx_path`` unless the conversion completes.
     """
     log = log or (lambda message: None)
-    if quantize and dequantize:
-        raise ConversionError("choose either quantizing (-q) or dequantizing (-d), not both")
-    if quantize_vision and not quantize:
-        raise ConversionError("quantizing the vision tower (--quantize-vision) needs quantize (-q)")
-    if quantize and q_bits not in Q_BITS:
-        raise ConversionError(f"q_bits must be one of {', '.join(map(str, Q_BITS))}, not {q_bits}")
-    if quantize and q_group_size not in Q_GROUP_SIZES:
-        raise ConversionError(
-            f"q_group_size must be one of {', '.join(map(str, Q_GROUP_SIZES))}, not {q_group_size}")
+    q_group_size, q_bits = check_quantization_options(quantize, q_bits, q_group_size, q_mode, quant_predicate,
+                                                      quantize_vision, dequantize)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
 
@@ -649,18 +1074,15 @@ def convert(
     target = Path(mlx_path).expanduser()
     remove_stale_temporaries(target)
     check_target(target, force)  # before any download
+    _precheck_hub_config(hf_path)
     path = resolve_model_path(hf_path)
     source = inspect_source(path)
     check_target(target, force, source=path)
-    if dequantize and not source.quantized:
-        raise ConversionError(f"{path} is not quantized; there is nothing to dequantize")
-    if quantize and source.quantized:
-        bits = source.args.quantization.get("bits")
-        raise ConversionError(
-            f"{path} is already quantized ({bits}-bit); convert the 16-bit checkpoint, or dequantize first")
+    check_source_options(source, quantize, dequantize)
 
     out_dtype = _choose_dtype(source, dtype, dequantize)
-    plan = make_plan(source, out_dtype, quantize, q_bits, q_group_size, quantize_vision, dequantize)
+    plan = make_plan(source, out_dtype, quantize, q_bits, q_group_size, quantize_vision, dequantize,
+                     q_mode, quant_predicate)
     free = shutil.disk_usage(_existing_ancestor(target.parent)).free
     if free < plan.nbytes * 1.01 + (16 << 20):
         raise ConversionError(
@@ -699,7 +1121,7 @@ def convert(
         raise ConversionError(f"conversion failed ({reason}); nothing was written to {target}") from error
 
     log(f"wrote {target}: {len(plan.shards)} shard(s), {_human(plan.nbytes)}"
-        + (f", {bits_per_weight(plan):.3f} bits per quantized weight" if quantize else ""))
+        + (f", {bits_per_weight(plan):.3f} bits per quantized weight" if bits_per_weight(plan) else ""))
     if upload_repo:
         upload(target, upload_repo)
         log(f"uploaded to https://huggingface.co/{upload_repo}")
@@ -719,13 +1141,28 @@ def _choose_dtype(source: Source, dtype: Optional[str], dequantize: bool):
     return DTYPES.get(name)  # None keeps each tensor's own dtype
 
 
+def quantization_words(plan: Plan) -> str:
+    """The plan's quantization in a few words: "4-bit affine, group size 64", "mxfp4 (4-bit,
+    group size 32)", "mixed_3_6 recipe (3/6-bit affine, group size 64)", "AWQ 4-bit ..."."""
+    q = plan.quantization or {}
+    if plan.foreign is not None:
+        return (f"{plan.foreign.method} {q['bits']}-bit (group size {q['group_size']}) unpacked exactly to MLX affine "
+                f"{q['bits']}-bit, float32 scales and biases")
+    if plan.recipe:
+        low, high = RECIPES[plan.recipe]
+        return f"{plan.recipe} recipe ({low}/{high}-bit affine, group size {q['group_size']})"
+    mode = plan.mode if plan.mode != "affine" else q.get("mode", "affine")  # a quantized source kept as is
+    if mode != "affine":
+        return f"{mode} ({q['bits']}-bit, group size {q['group_size']})"
+    return f"{q['bits']}-bit affine, group size {q['group_size']}"
+
+
 def _describe(source: Source, plan: Plan, target: Path, quantize_vision: bool) -> str:
     text = source.args.text
     what = f"{_dtype_name(plan.dtype)}" if plan.dtype is not None else "source dtype"
-    if plan.quantization and any(job.kind == "quantize" for job in plan.jobs):
-        q = plan.quantization
+    if plan.quantization and any(job.kind in ("quantize", "unpack") for job in plan.jobs):
         tower = "quantized" if quantize_vision else f"kept in {what}"
-        what = f"{q['bits']}-bit, group size {q['group_size']}, vision tower {tower}"
+        what = f"{quantization_words(plan)}, vision tower {tower}"
     elif any(job.kind == "dequantize" for job in plan.jobs):
         what = f"dequantized to {what}"
     return (f"converting {source.path} (Qwen2.5-VL, {text.num_hidden_layers} layers, "
@@ -733,9 +1170,11 @@ def _describe(source: Source, plan: Plan, target: Path, quantize_vision: bool) -
 
 
 def bits_per_weight(plan: Plan) -> float:
+    """Stored bits (weights, scales, biases) per weight of the layers the plan quantizes; 0.0
+    when it quantizes none."""
     bits = weights = 0
     for job in plan.jobs:
-        if job.kind == "quantize":
+        if job.kind in ("quantize", "unpack"):
             bits += sum(_nbytes(dtype, shape) * 8 for _, dtype, shape in job.outputs)
             name, _, shape = job.outputs[0]
             weights += math.prod(shape) * 32 // job.bits
@@ -826,26 +1265,34 @@ def _raise_interrupt(signum, frame):
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help="Weight dtype (default: the source's; dequantizing: its 16-bit dtype).")
 @click.option("-q", "--quantize", is_flag=True, help="Quantize the language model.")
-@click.option("--q-bits", type=click.Choice([str(b) for b in Q_BITS]), default="4", show_default=True,
-              help="Bits per weight.")
-@click.option("--q-group-size", type=click.Choice([str(g) for g in Q_GROUP_SIZES]), default="64",
-              show_default=True, help="Weights per quantization group.")
+@click.option("--q-bits", type=click.Choice([str(b) for b in Q_BITS]), default=None,
+              help="Bits per weight (default: the mode's; affine 4).")
+@click.option("--q-group-size", type=click.Choice([str(g) for g in sorted({16, *Q_GROUP_SIZES})]), default=None,
+              help="Weights per quantization group (default: the mode's; affine 64).")
+@click.option("--q-mode", type=click.Choice(list(Q_MODES)), default="affine", show_default=True,
+              help="Quantization mode: affine (1-6 or 8 bits, groups of 32/64/128), mxfp4 (4-bit, groups of 32), "
+                   "nvfp4 (4-bit, groups of 16) or mxfp8 (8-bit, groups of 32).")
+@click.option("--quant-predicate", type=click.Choice(list(RECIPES)), default=None,
+              help="Mixed-precision recipe (affine): mixed_<low>_<high> bits per layer, chosen as mlx-lm does.")
 @click.option("--quantize-vision", is_flag=True,
               help="Quantize the vision tower too (default: it stays 16-bit, being the most sensitive).")
 @click.option("-d", "--dequantize", is_flag=True, help="Turn a quantized MLX folder back into 16-bit.")
 @click.option("--upload-repo", default=None, help="Hugging Face repo to upload the result to.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
-def convert_command(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, quantize_vision,
-                    dequantize, upload_repo, force, debug):
-    """Convert a Qwen2.5-VL checkpoint into an MLX folder (mlx-community layout), optionally quantized."""
+def convert_command(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_mode, quant_predicate,
+                    quantize_vision, dequantize, upload_repo, force, debug):
+    """Convert a Qwen2.5-VL checkpoint into an MLX folder (mlx-community layout), optionally quantized.
+
+    AWQ and GPTQ (without act-order) checkpoints convert exactly, as they are."""
     try:
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     except ValueError:  # not the main thread
         previous = None
     try:
-        convert(hf_path, mlx_path, dtype=dtype, quantize=quantize, q_bits=int(q_bits),
-                q_group_size=int(q_group_size), quantize_vision=quantize_vision,
+        convert(hf_path, mlx_path, dtype=dtype, quantize=quantize, q_bits=None if q_bits is None else int(q_bits),
+                q_group_size=None if q_group_size is None else int(q_group_size), q_mode=q_mode,
+                quant_predicate=quant_predicate, quantize_vision=quantize_vision,
                 dequantize=dequantize, upload_repo=upload_repo, force=force,
                 progress=_Progress(), log=lambda message: click.echo(message, err=True))
     except KeyboardInterrupt as error:

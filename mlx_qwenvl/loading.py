@@ -173,9 +173,29 @@ def with_mlx_quantization(config: dict, where: str = "the model") -> dict:
 
 
 def foreign_quantization_error(config: dict, method, where: str) -> ModelLoadError:
-    """One line naming the method and the way forward: the 16-bit original, or an MLX folder made
-    from it (named for the published sizes, recognised by their text width)."""
+    """One line naming the method and the way forward: for AWQ and GPTQ (without act-order) an
+    exact MLX folder made from this one with ``mlx-qwenvl convert``; otherwise (and besides) the
+    16-bit original, or an MLX folder made from it (named for the published sizes, recognised
+    by their text width)."""
+    from .convert import foreign_refusal  # convert imports this module
+
     label = FOREIGN_METHODS.get(str(method).lower(), str(method))
+    settings = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if isinstance(settings, dict) and foreign_refusal(settings) is None:
+        folder = where if Path(where).is_dir() else "<folder>"
+        return ModelLoadError(
+            f"{where} holds {label}-quantized weights (quantization_config.quant_method {method!r}), which MLX "
+            f"cannot load directly; convert them exactly with `mlx-qwenvl convert --hf-path {folder} --mlx-path "
+            f"<new folder>`, or {_from_original(config)}"
+        )
+    return ModelLoadError(
+        f"{where} holds {label}-quantized weights (quantization_config.quant_method {method!r}), which "
+        f"MLX cannot load; {_from_original(config)}"
+    )
+
+
+def _from_original(config: dict) -> str:
+    """The way from the 16-bit original: named for the published sizes."""
     width = (config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size")
     size = ORIGINAL_SIZES.get(width)
     if size:
@@ -184,11 +204,7 @@ def foreign_quantization_error(config: dict, method, where: str) -> ModelLoadErr
     else:
         original = "<16-bit checkpoint>"
         way = "use the 16-bit checkpoint it was made from"
-    return ModelLoadError(
-        f"{where} holds {label}-quantized weights (quantization_config.quant_method {method!r}), which "
-        f"MLX cannot load; {way}, or make a 4-bit MLX folder from it with "
-        f"`mlx-qwenvl convert --hf-path {original} -q`"
-    )
+    return f"{way}, or make a 4-bit MLX folder from it with `mlx-qwenvl convert --hf-path {original} -q`"
 
 
 def mlx_module_path(path: str) -> str:
@@ -290,6 +306,49 @@ def model_skeleton(args: ModelArgs, shapes: dict, where: str = "") -> Model:
     return model
 
 
+def dequantize_layers(model: nn.Module, dtype=None) -> None:
+    """Every quantized Linear and Embedding of ``model`` made dense, its weight in ``dtype``
+    (None: mx.dequantize's default, the scales' dtype). Unlike mlx-lm's dequantize_model, which
+    leaves the floating-point modes' weights (uint8 scales) in bfloat16, so that their
+    embedding lookups, and what follows, would compute in bfloat16 under float32."""
+    from mlx.utils import tree_unflatten
+
+    layers = []
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            continue
+        weight = mx.dequantize(module.weight, module.scales, module.get("biases"), group_size=module.group_size,
+                               bits=module.bits, mode=module.mode, dtype=dtype)
+        if isinstance(module, nn.QuantizedLinear):
+            dense = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+            if "bias" in module:
+                dense.bias = module.bias
+        else:
+            dense = nn.Embedding(*weight.shape)
+        dense.weight = weight
+        layers.append((path, dense))
+    if layers:
+        model.update_modules(tree_unflatten(layers))
+
+
+class _TypedQuantizedEmbedding(nn.QuantizedEmbedding):
+    """A floating-point-mode quantized embedding whose looked-up rows come out in ``dtype``.
+    MLX's come out in bfloat16 (mx.dequantize's default for uint8 scales); the values are exact
+    in bfloat16 (at most 4 + 3 significant bits), so the cast adds no error."""
+
+    def __call__(self, x):
+        return super().__call__(x).astype(self.output_dtype)
+
+
+def _typed_float_embeddings(model: nn.Module, dtype) -> None:
+    """Make each floating-point-mode QuantizedEmbedding return ``dtype`` rows (affine ones do
+    already: their scales were cast to it)."""
+    for _, module in model.named_modules():
+        if isinstance(module, nn.QuantizedEmbedding) and module.mode != "affine":
+            module.__class__ = _TypedQuantizedEmbedding
+            module.output_dtype = dtype
+
+
 def _fill(model: Model, weights: dict, dtype=None, dequantize: bool = False, lazy: bool = False) -> None:
     """Load ``weights`` (MLX names, checked by model_skeleton) into ``model``: floating-point
     ones cast to ``dtype`` (None: as stored), quantized layers made dense with ``dequantize``;
@@ -301,9 +360,9 @@ def _fill(model: Model, weights: dict, dtype=None, dequantize: bool = False, laz
 
     model.load_weights([(name, cast(weights.pop(name))) for name in list(weights)])
     if dequantize:
-        from mlx_lm.utils import dequantize_model
-
-        dequantize_model(model)
+        dequantize_layers(model, dtype)
+    elif dtype is not None:
+        _typed_float_embeddings(model, dtype)
     if lazy:
         return
     # One module at a time: each module's checkpoint tensors are freed once its converted ones
