@@ -19,18 +19,33 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
+def distributed_guard():
+    """The FailureGuard of a run under mlx.launch (several processes), else None."""
+    module = sys.modules.get("mlx_qwenvl.distributed")
+    return module.current_guard() if module is not None else None
+
+
 def friendly_errors(command):
-    """One line on stderr and exit code 1 instead of a traceback (unless --debug)."""
+    """One line on stderr and exit code 1 instead of a traceback (unless --debug). Under
+    mlx.launch the line names the rank, and any failure ends this rank at once (the others
+    follow: see distributed.FailureGuard)."""
 
     @functools.wraps(command)
     def wrapper(*args, debug=False, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (KeyboardInterrupt, click.exceptions.Exit, SystemExit):
+        except KeyboardInterrupt:
+            guard = distributed_guard()
+            if guard is not None:  # every rank must stop at the same token: end them all
+                guard.end(None, 130)
+            raise
+        except (click.exceptions.Exit, SystemExit):
             raise
         except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
             if debug:
                 raise
+            if distributed_guard() is not None:
+                distributed_guard().fail(error)
             message = str(error).strip().splitlines()[0] if str(error).strip() else ""
             if isinstance(error, (QwenVLError, OSError)):
                 fail(message or type(error).__name__)
@@ -128,6 +143,9 @@ def model_options(command):
         click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="auto", show_default=True,
                      help="Compute dtype: auto is float32 on a Linux CPU, else the checkpoint's."),
         click.option("--verbose", is_flag=True, help="Print statistics (as mlx-lm) and load details."),
+        click.option("--parallel", type=click.Choice(["tensor", "pipeline"]), default="tensor", show_default=True,
+                     help="Under mlx.launch: split the model by tensor or by pipeline parallelism "
+                          "(ignored in one process)."),
         click.option("--system", "--system-prompt", "system", default=None, help="System prompt."),
     ]):
         command = option(command)
@@ -148,9 +166,33 @@ def sampling_kwargs(options: dict) -> dict:
     return {key: options[key] for key in keys}
 
 
-def load_for_cli(model_path: str, verbose: bool, dtype: str, revision=None):
+def start_distributed():
+    """Under mlx.launch with several processes: the group, the failure guard installed, and
+    only rank 0 printing (the others' output goes nowhere; their failures still print one
+    line). None in one process, where nothing changes."""
+    import os
+
+    from .distributed import FailureGuard, world_group
+
+    group = world_group()
+    if group is None:
+        return None
+    FailureGuard(group).install()
+    if group.rank() != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return group
+
+
+def finish_distributed(group) -> None:
+    """Every rank waits for the others' last collectives before exiting."""
+    if group is not None:
+        distributed_guard().finish()
+
+
+def load_for_cli(model_path: str, verbose: bool, dtype: str, revision=None, group=None, parallel="tensor"):
     """Load as ``load`` does; notices (float32 does not fit, ...) become one ``note:`` line each,
-    and ``--verbose`` adds the BLAS in use and the config values taken from defaults."""
+    and ``--verbose`` adds the BLAS in use and the config values taken from defaults. With a
+    ``group``: this rank's part (``parallel``), and a processor whose media rank 0 reads."""
     import warnings
 
     import mlx.core as mx
@@ -164,7 +206,11 @@ def load_for_cli(model_path: str, verbose: bool, dtype: str, revision=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DtypeFallbackWarning)
         model, processor = load(model_path, dtype=getattr(mx, dtype) if dtype not in (None, "auto") else dtype,
-                                revision=revision)
+                                revision=revision, group=group, parallel=parallel)
+    if group is not None:
+        from .distributed import RankZeroProcessor
+
+        processor = RankZeroProcessor(processor, group)
     for warning in caught:
         if issubclass(warning.category, DtypeFallbackWarning):
             click.echo(f"note: {warning.message}", err=True)
@@ -292,13 +338,19 @@ def main():
 @click.option("--prompt", "-p", required=True, help="The question or instruction; - reads stdin.")
 @friendly_errors
 def generate(model_path, revision, images, videos, prompt, system, verbose, max_kv_size, min_pixels,
-             max_pixels, video_fps, video_max_frames, dtype, **options):
+             max_pixels, video_fps, video_max_frames, dtype, parallel, **options):
     """Answer one prompt, streaming the answer to stdout."""
     from .generate import statistics, stream_generate
 
     check_options(options)
-    prompt = read_prompt(prompt)
-    model, processor = load_for_cli(model_path, verbose, dtype, revision)
+    group = start_distributed()
+    if group is None:
+        prompt = read_prompt(prompt)
+    else:  # rank 0 reads stdin; every rank gets the same prompt
+        from .distributed import from_rank_zero
+
+        prompt = from_rank_zero(lambda: read_prompt(prompt), group)
+    model, processor = load_for_cli(model_path, verbose, dtype, revision, group, parallel)
     image_notices(processor, images, min_pixels, max_pixels)
     content = [{"type": "image", "image": image} for image in images]
     content += [{"type": "video", "video": video} for video in videos]
@@ -313,6 +365,7 @@ def generate(model_path, revision, images, videos, prompt, system, verbose, max_
                                     prompt_progress_callback=PrefillProgress(), **sampling_kwargs(options)):
         click.echo(response.text, nl=False)
         sys.stdout.flush()
+    finish_distributed(group)
     click.echo()
     if verbose and response is not None:
         click.echo("=" * 10)
@@ -328,7 +381,7 @@ CHAT_HELP = "Commands: /image PATH, /video PATH, /clear, /exit (Ctrl-D). Ctrl-C 
 @click.option("--video", "videos", multiple=True, help="Video(s) for the first question.")
 @friendly_errors
 def chat(model_path, revision, images, videos, system, verbose, max_kv_size, min_pixels, max_pixels,
-         video_fps, video_max_frames, dtype, **options):
+         video_fps, video_max_frames, dtype, parallel, **options):
     """An interactive chat that remembers images across turns."""
     from .chat import ChatSession
     from .generate import kv_group_size_for
@@ -338,7 +391,8 @@ def chat(model_path, revision, images, videos, system, verbose, max_kv_size, min
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    model, processor = load_for_cli(model_path, verbose, dtype, revision)
+    group = start_distributed()
+    model, processor = load_for_cli(model_path, verbose, dtype, revision, group, parallel)
     for image in images:
         processor.check_image(image)
     for video in videos:
@@ -352,17 +406,25 @@ def chat(model_path, revision, images, videos, system, verbose, max_kv_size, min
     click.echo(CHAT_HELP)
     while True:
         try:
-            if not chat_step(session, pending, processor, options, min_pixels, max_pixels):
+            if not chat_step(session, pending, processor, options, min_pixels, max_pixels, group):
+                finish_distributed(group)
                 return
         except KeyboardInterrupt:  # at the prompt, or between a question and its answer
+            if group is not None:
+                raise  # the ranks cannot stop at the same token: the run ends (friendly_errors)
             click.echo()
 
 
-def chat_step(session, pending, processor, options, min_pixels, max_pixels) -> bool:
-    """Read one line and act on it; False means exit."""
-    try:
-        line = input(">> ").strip()
-    except EOFError:
+def chat_step(session, pending, processor, options, min_pixels, max_pixels, group=None) -> bool:
+    """Read one line and act on it; False means exit. Under mlx.launch rank 0 reads the
+    terminal and sends each line to the others."""
+    if group is None:
+        line = read_line()
+    else:
+        from .distributed import read_turn
+
+        line = read_turn(read_line, group)
+    if line is None:
         click.echo()
         return False
     if not line:
@@ -371,6 +433,17 @@ def chat_step(session, pending, processor, options, min_pixels, max_pixels) -> b
         return run_chat_command(line, session, pending, processor, min_pixels, max_pixels)
     answer_turn(session, line, pending, options)
     return True
+
+
+def read_line():
+    """The next chat line: None at end of input, "" after Ctrl-C at the prompt."""
+    try:
+        return input(">> ").strip()
+    except EOFError:
+        return None
+    except KeyboardInterrupt:
+        click.echo()
+        return ""
 
 
 def run_chat_command(line, session, pending, processor, min_pixels, max_pixels) -> bool:
@@ -421,8 +494,14 @@ def answer_turn(session, text, pending, options) -> None:
             sys.stdout.flush()
         click.echo()
     except KeyboardInterrupt:
+        if distributed_guard() is not None:
+            raise  # the ranks cannot stop at the same token: the run ends (friendly_errors)
         click.echo("\n(stopped)")
     except Exception as error:  # noqa: BLE001 - a failed turn must not end the conversation
+        if distributed_guard() is not None and not isinstance(error, QwenVLError):
+            # Bad input fails alike on every rank (same inputs, same code) and the conversation
+            # goes on; anything else (a lost rank, memory) may differ between ranks: end them.
+            raise
         failed = True
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if not isinstance(error, QwenVLError):

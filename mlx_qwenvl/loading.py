@@ -608,8 +608,14 @@ def as_dtype(dtype):
     return dtype
 
 
-def load_model(path, dtype: Optional[mx.Dtype] = "auto", *, lazy: bool = False) -> Model:
+def load_model(path, dtype: Optional[mx.Dtype] = "auto", *, lazy: bool = False, group=None,
+               parallel: str = "tensor") -> Model:
     """Load a local model folder.
+
+    ``group`` (an ``mx.distributed`` group of more than one process, as ``mlx.launch`` makes)
+    loads only this rank's part, split by ``parallel`` ('tensor' or 'pipeline'): see
+    ``distributed.load_model_sharded`` (``lazy`` does not apply there). Without a group (or with
+    a group of one) nothing changes.
 
     ``dtype='auto'`` computes in float32 on a Linux CPU, where float32 products go through
     BLAS while bfloat16 and quantized products are 20-250x slower: 16-bit weights are cast
@@ -624,6 +630,10 @@ def load_model(path, dtype: Optional[mx.Dtype] = "auto", *, lazy: bool = False) 
     'checkpoint' (None), as the CLI's ``--dtype``.
     """
     dtype = as_dtype(dtype)
+    if group is not None and group.size() > 1:
+        from .distributed import load_model_sharded
+
+        return load_model_sharded(path, group, parallel, dtype)
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model folder {path} does not exist")
@@ -673,13 +683,15 @@ def resolve_model_path(path_or_repo, revision: Optional[str] = None) -> Path:
             ) from None
 
 
-def load(path_or_repo, *, dtype="auto", revision: Optional[str] = None, lazy: bool = False):
+def load(path_or_repo, *, dtype="auto", revision: Optional[str] = None, lazy: bool = False, group=None,
+         parallel: str = "tensor"):
     """``(model, processor)`` from a local folder, ``"demo"`` or a hub repo id, as ``mlx_lm.load``.
 
     Options are keyword-only (a second positional argument means a tokenizer config in
     mlx-lm and an adapter path in mlx-vlm). ``dtype``: see ``load_model``; ``revision``: the
     hub branch, tag or commit; ``lazy=True`` returns before the weights are read into memory
-    (they load on first use), as mlx-lm.
+    (they load on first use), as mlx-lm. ``group``/``parallel``: this rank's part of the model
+    across several processes (see ``load_model``; every rank calls ``load`` alike).
 
     Raises:
         ModelLoadError: a missing folder or repo, or a folder that cannot be loaded.
@@ -687,5 +699,5 @@ def load(path_or_repo, *, dtype="auto", revision: Optional[str] = None, lazy: bo
     from .processor import Processor
 
     path = resolve_model_path(path_or_repo, revision)
-    model = load_model(path, dtype, lazy=lazy)
+    model = load_model(path, dtype, lazy=lazy, group=group, parallel=parallel)
     return model, Processor.from_pretrained(path)
