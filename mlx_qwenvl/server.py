@@ -10,12 +10,16 @@ the prompt (``server_cache``), so a client resending the whole history prefills 
 new and never has an earlier image encoded again.
 
 Endpoints: ``POST /v1/chat/completions`` (and ``/chat/completions``), ``GET /v1/models``,
-``GET /health`` (503 once the worker has died), CORS preflight (``OPTIONS``).
+``GET /health`` (503 once the worker has died), CORS preflight (``OPTIONS``), and ``GET /``: a
+chat page for the browser (``web/chat.html`` with ``chat.css`` and ``chat.js``, served from
+this origin only, under a content security policy that lets it load nothing else and talk
+only to this server). The page itself needs no key; it asks for one when the API answers 401.
 """
 
 from __future__ import annotations
 
 import hmac
+import html
 import json
 import logging
 import select
@@ -36,6 +40,15 @@ from .server_requests import APIError, MediaPolicy, parse_chat_request
 
 log = logging.getLogger("mlx_qwenvl.server")
 
+WEB = Path(__file__).parent / "web"
+# The chat page and its files: URL path -> (file, content type).
+PAGE_FILES = {"": ("chat.html", "text/html; charset=utf-8"),
+              "/chat.css": ("chat.css", "text/css; charset=utf-8"),
+              "/chat.js": ("chat.js", "text/javascript; charset=utf-8")}
+# Only this server: its own script, styles and API; images from data: and blob: URLs (the
+# pictures the user attaches); no inline script or style, no frames, no other origin.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 KEEPALIVE_S = 2.0  # an SSE comment line at least this often while nothing else is sent
 READ_TIMEOUT_S = 60  # a client this long silent while sending its request is dropped
 
@@ -101,6 +114,25 @@ class App:
         return {"id": self.settings.served_model_name, "object": "model", "created": self.created,
                 "owned_by": "mlx-qwenvl"}
 
+    def page_file(self, path: str) -> tuple[bytes, str]:
+        """The chat page's file at a URL path, as ``(body, content type)``. The page is given
+        what it must know of this server: the model's name, the image budget (so it shrinks
+        only pictures the server would shrink, to the server's own size) and the answer length."""
+        name, kind = PAGE_FILES[path]
+        data = (WEB / name).read_bytes()
+        if name == "chat.html":
+            config = self.processor.config
+            values = {"%MODEL%": html.escape(self.settings.served_model_name),
+                      "%MAX_PIXELS%": str(self.settings.max_pixels or config.max_pixels),
+                      "%MIN_PIXELS%": str(self.settings.min_pixels or config.min_pixels),
+                      "%FACTOR%": str(config.patch_size * config.merge_size),
+                      "%MAX_TOKENS%": str(self.settings.max_tokens)}
+            text = data.decode()
+            for marker, value in values.items():
+                text = text.replace(marker, value)
+            data = text.encode()
+        return data, kind
+
 
 # --------------------------------------------------------------------------------------------
 # HTTP
@@ -129,6 +161,8 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/health":
                 status, body = self.app.health()
                 return self._json(status, body)
+            if path in PAGE_FILES:  # the chat page holds nothing secret: it asks for the key
+                return self._page(path)
             self._authorize()
             if path in ("/v1/models", "/models"):
                 return self._json(200, self.app.models())
@@ -145,6 +179,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         path = self.path.split("?")[0].rstrip("/")
         started = time.perf_counter()
+        self.body_read = False
         try:
             self._authorize()
             if path not in ("/v1/chat/completions", "/chat/completions"):
@@ -153,11 +188,13 @@ class Handler(BaseHTTPRequestHandler):
             prompt = self.app.builder.build(request, self.app.worker.cache.peek)
             job = self._job(request, prompt)
             self.app.worker.submit(job)
-        except APIError as error:
-            return self._error(error)
         except Exception as error:  # noqa: BLE001 - a request's failure must not end its thread silently
-            log.exception("request failed")
-            return self._error(APIError(500, f"{type(error).__name__}: {error}"))
+            if not self.body_read:  # refused unread (401, 404): the body must not be taken as the next request
+                self.close_connection = True
+            if not isinstance(error, APIError):
+                log.exception("request failed")
+                error = APIError(500, f"{type(error).__name__}: {error}")
+            return self._error(error)
         reply = Stream(self, job, request) if request.stream else Completion(self, job, request)
         try:
             reply.run()
@@ -171,11 +208,11 @@ class Handler(BaseHTTPRequestHandler):
         return Job(prompt, request.generation, request.logprobs, request.top_logprobs)
 
     def _not_found(self, path: str, method: str) -> APIError:
-        known = {"/v1/chat/completions", "/chat/completions", "/v1/models", "/models", "/health"}
+        known = {"/v1/chat/completions", "/chat/completions", "/v1/models", "/models", "/health", *PAGE_FILES}
         if path in known:
-            return APIError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
-        return APIError(404, f"no endpoint {path!r} (try POST /v1/chat/completions, GET /v1/models)",
-                        code="not_found")
+            return APIError(405, f"{method} is not allowed on {path or '/'}", code="method_not_allowed")
+        return APIError(404, f"no endpoint {path!r} (try POST /v1/chat/completions, GET /v1/models, "
+                             "or open / in a browser for the chat page)", code="not_found")
 
     # ---- requests
 
@@ -209,6 +246,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the unread body must not be taken as the next request
             raise self._too_large(length)
         raw = self.rfile.read(length)
+        self.body_read = True
         try:
             return json.loads(raw)
         except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
@@ -252,6 +290,20 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self._cors()
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _page(self, path: str) -> None:
+        data, kind = self.app.page_file(path)
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Security-Policy", PAGE_CSP)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Cache-Control", "no-cache")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
