@@ -17,7 +17,6 @@ folder (``--workdir`` to choose it), removed at the end unless ``--keep``.
 import argparse
 import json
 import math
-import os
 import platform
 import shutil
 import subprocess
@@ -35,7 +34,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_qwenvl.config import ModelArgs  # noqa: E402
-from mlx_qwenvl.convert import SafetensorsWriter  # noqa: E402
+from mlx_qwenvl.safetensors_io import SafetensorsWriter  # noqa: E402
 from mlx_qwenvl.model import Model  # noqa: E402
 
 SHARD_BYTES = 4_000_000_000  # the hub's 3B has two shards of 3.98 and 3.53 GB

@@ -33,7 +33,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from convert_memory import config_for, create_checkpoint, hub_tensors, run_measured  # noqa: E402
-from mlx_qwenvl.convert import SafetensorsWriter  # noqa: E402
+from mlx_qwenvl.safetensors_io import SafetensorsWriter  # noqa: E402
 
 SETTINGS = [
     ("affine 4-bit, g64", ["-q"]),

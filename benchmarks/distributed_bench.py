@@ -14,7 +14,7 @@ memory per rank (weights included) and the load. Each configuration runs in fres
 our processor's ids and pixels, made once (bench.py's ``_prepare``).
 
 ``vision`` measures where the vision tower should run across 2 ranks (see
-mlx_qwenvl/distributed.py): every rank computing the same features, rank 0 computing and
+mlx_qwenvl/distributed_vision.py): every rank computing the same features, rank 0 computing and
 broadcasting them, or the images split across ranks and the features gathered, against one
 process.
 

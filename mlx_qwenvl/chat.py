@@ -35,14 +35,26 @@ class ChatSession:
         """Ask ``text`` about new ``images``/``videos`` and stream the answer.
 
         Media are sources (paths, URLs, PIL images), one or a list; mlx-vlm's ``image=`` and
-        ``video=`` are accepted too. Options are ``stream_tokens``' (``temp`` for temperature
-        too). Stopping early (closing the iterator, Ctrl-C) keeps the session consistent: the
+        ``video=`` are accepted too; their pixel and frame options are the session's
+        (``min_pixels``/``max_pixels`` in pixels of area, ``video_fps`` in frames per second,
+        ``video_max_frames``: see ``Processor.__call__``). Options are ``stream_tokens``' (see
+        ``stream_generate``; ``temp`` for temperature too). Only this turn's tokens are
+        prefilled: earlier turns, their images included, come from the session's cache.
+
+        Yields ``GenerationResponse``s as ``stream_generate`` does, with ``prompt_tokens`` this
+        turn's new tokens and ``cached_tokens`` those the cache already held.
+
+        Stopping early (closing the iterator, Ctrl-C) keeps the session consistent: the
         partial answer stays in the conversation; an interruption before the answer began
         undoes the turn.
 
         Raises:
-            InputError: unusable media or prompt, or an option out of range.
+            InputError: unusable media or prompt (one that, with the conversation, does not
+                fit the model's context too), or an option out of range.
             TypeError: an unknown option.
+            ValueError: an interruption (during the prefill, or inside a forward pass) left
+                tokens to undo in a rotating cache (``max_kv_size``) that has filled, which
+                mlx-lm's ``RotatingKVCache`` cannot trim.
         """
         images = media_list(images or None, image, "images", "image") or []
         videos = media_list(videos or None, video, "videos", "video") or []
@@ -66,8 +78,13 @@ class ChatSession:
             self._commit(user, new_ids, answer_ids, answer)
 
     def send(self, text: str, images=(), videos=(), *, verbose: bool = False, **generation_kwargs):
-        """The whole answer as a ``GenerationResult`` (arguments as ``stream``); ``verbose``
-        prints it as mlx-lm's ``generate(verbose=True)`` does."""
+        """The whole answer as a ``GenerationResult`` (arguments and errors as ``stream``; its
+        figures as ``generate``'s, with ``cached_tokens`` the tokens earlier turns left in the
+        cache); ``verbose`` prints it as mlx-lm's ``generate(verbose=True)`` does.
+
+        Raises:
+            InputError: as ``stream``; also when no token was generated (max_tokens 0).
+        """
         return collect_verbose(self.stream(text, images, videos, **generation_kwargs), verbose)
 
     def _new_text(self, user: dict) -> str:

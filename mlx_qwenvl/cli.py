@@ -1,4 +1,8 @@
-"""The ``mlx-qwenvl`` command: generate, chat and convert."""
+"""The ``mlx-qwenvl`` command: generate, chat (cli_chat.py), convert and server (server.py).
+
+Importing this module loads neither MLX nor the model code: each command imports what it needs
+when it runs, and ``chat`` and ``server`` are themselves imported only then (LazyGroup), so that
+``mlx-qwenvl --help`` is fast."""
 
 import functools
 import importlib
@@ -7,7 +11,8 @@ import time
 
 import click
 
-from .errors import QwenVLError
+from .errors import QwenVLError, error_line, first_line
+from .quantization import BITS, GROUP_SIZES, MODES, RECIPES
 
 DTYPES = {"auto": "auto", "checkpoint": None, "float32": "float32", "bfloat16": "bfloat16",
           "float16": "float16"}
@@ -34,10 +39,13 @@ def friendly_errors(command):
     def wrapper(*args, debug=False, **kwargs):
         try:
             return command(*args, **kwargs)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as error:
             guard = distributed_guard()
             if guard is not None:  # every rank must stop at the same token: end them all
                 guard.end(None, 130)
+            if isinstance(error, QwenVLError) and not debug:  # an interrupt that says what it left behind
+                click.echo(f"error: {first_line(error)}", err=True)
+                sys.exit(130)
             raise
         except (click.exceptions.Exit, SystemExit):
             raise
@@ -46,10 +54,7 @@ def friendly_errors(command):
                 raise
             if distributed_guard() is not None:
                 distributed_guard().fail(error)
-            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            if isinstance(error, (QwenVLError, OSError)):
-                fail(message or type(error).__name__)
-            fail(f"{type(error).__name__}: {message}" if message else type(error).__name__)
+            fail(error_line(error))
 
     return click.option("--debug", is_flag=True, help="Show full tracebacks.")(wrapper)
 
@@ -284,8 +289,7 @@ class LazyGroup(click.Group):
     """Subcommands defined in other modules, imported only when run, so ``--help`` and the
     other commands do not pay for them."""
 
-    lazy = {"convert": ("mlx_qwenvl.convert", "convert_command",
-                        "Convert a Qwen2.5-VL checkpoint into an MLX folder, optionally quantized."),
+    lazy = {"chat": ("mlx_qwenvl.cli_chat", "chat", "An interactive chat that remembers images across turns."),
             "server": ("mlx_qwenvl.server", "server_command",
                        "An OpenAI-compatible server (/v1/chat/completions) that keeps conversations cached.")}
 
@@ -372,151 +376,88 @@ def generate(model_path, revision, images, videos, prompt, system, verbose, max_
         click.echo(statistics(response))
 
 
-CHAT_HELP = "Commands: /image PATH, /video PATH, /clear, /exit (Ctrl-D). Ctrl-C stops an answer."
+CONVERT_DTYPES = ("float16", "bfloat16", "float32")
 
 
-@main.command(cls=PeerCommand)
-@model_options
-@click.option("--image", "images", multiple=True, help="Image(s) for the first question.")
-@click.option("--video", "videos", multiple=True, help="Video(s) for the first question.")
+class ConvertProgress:
+    """convert's ``progress(done, total, name)`` as click's progress bar on stderr: on a terminal
+    the bar and the tensor being written, elsewhere its label once. It opens when the first
+    tensor is written, so that nothing is shown for a conversion refused before it starts."""
+
+    def __init__(self):
+        self.bar, self.done = None, 0
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label="[convert]", file=sys.stderr,
+                                         item_show_func=lambda item: item and item[-60:])
+            self.bar.__enter__()
+        self.bar.update(done - self.done, name)
+        self.done = done
+        if done >= total:  # ended before the summary line is written
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@main.command("convert", short_help="Convert a Qwen2.5-VL checkpoint into an MLX folder, optionally quantized.",
+              context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--hf-path", required=True, help="Hugging Face repo id or local folder to convert.")
+@click.option("--mlx-path", default="mlx_model", show_default=True, help="Output folder.")
+@click.option("--dtype", type=click.Choice(CONVERT_DTYPES), default=None,
+              help="Weight dtype (default: the source's; dequantizing: its 16-bit dtype).")
+@click.option("-q", "--quantize", is_flag=True, help="Quantize the language model.")
+@click.option("--q-bits", type=click.Choice([str(b) for b in BITS]), default=None,
+              help="Bits per weight (default: the mode's; affine 4).")
+@click.option("--q-group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=None,
+              help="Weights per quantization group (default: the mode's; affine 64).")
+@click.option("--q-mode", type=click.Choice(list(MODES)), default="affine", show_default=True,
+              help="Quantization mode: affine (1-6 or 8 bits, groups of 32/64/128), mxfp4 (4-bit, groups of 32), "
+                   "nvfp4 (4-bit, groups of 16) or mxfp8 (8-bit, groups of 32).")
+@click.option("--quant-predicate", type=click.Choice(list(RECIPES)), default=None,
+              help="Mixed-precision recipe (affine): mixed_<low>_<high> bits per layer, chosen as mlx-lm does.")
+@click.option("--quantize-vision", is_flag=True,
+              help="Quantize the vision tower too (default: it stays 16-bit, being the most sensitive).")
+@click.option("-d", "--dequantize", is_flag=True, help="Turn a quantized MLX folder back into 16-bit.")
+@click.option("--upload-repo", default=None, help="Hugging Face repo to upload the result to.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @friendly_errors
-def chat(model_path, revision, images, videos, system, verbose, max_kv_size, min_pixels, max_pixels,
-         video_fps, video_max_frames, dtype, parallel, **options):
-    """An interactive chat that remembers images across turns."""
-    from .chat import ChatSession
-    from .generate import kv_group_size_for
+def convert_command(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_mode, quant_predicate,
+                    quantize_vision, dequantize, upload_repo, force):
+    """Convert a Qwen2.5-VL checkpoint into an MLX folder (mlx-community layout), optionally quantized.
 
-    check_options(options)
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
-    group = start_distributed()
-    model, processor = load_for_cli(model_path, verbose, dtype, revision, group, parallel)
-    for image in images:
-        processor.check_image(image)
-    for video in videos:
-        processor.check_video(video)
-    image_notices(processor, images, min_pixels, max_pixels)
-    options["kv_group_size"] = kv_group_size_for(model, options["kv_bits"], options["kv_group_size"])
-    session = ChatSession(model, processor, system=system, max_kv_size=max_kv_size,
-                          min_pixels=min_pixels, max_pixels=max_pixels, video_fps=video_fps,
-                          video_max_frames=video_max_frames)
-    pending = {"images": list(images), "videos": list(videos)}
-    click.echo(CHAT_HELP)
-    while True:
+    AWQ and GPTQ (without act-order) checkpoints convert exactly, as they are."""
+    from .convert import convert
+    from .convert_folder import terminate_as_interrupt
+    from .errors import ConversionInterrupted
+
+    with terminate_as_interrupt(), ConvertProgress() as progress:
         try:
-            if not chat_step(session, pending, processor, options, min_pixels, max_pixels, group):
-                finish_distributed(group)
-                return
-        except KeyboardInterrupt:  # at the prompt, or between a question and its answer
-            if group is not None:
-                raise  # the ranks cannot stop at the same token: the run ends (friendly_errors)
-            click.echo()
+            convert(hf_path, mlx_path, dtype=dtype, quantize=quantize, q_bits=None if q_bits is None else int(q_bits),
+                    q_group_size=None if q_group_size is None else int(q_group_size), q_mode=q_mode,
+                    quant_predicate=quant_predicate, quantize_vision=quantize_vision, dequantize=dequantize,
+                    upload_repo=upload_repo, force=force, progress=progress,
+                    log=lambda message: click.echo(message, err=True))
+        except KeyboardInterrupt as error:  # before the writing starts, or a plain one: said as one line too
+            if isinstance(error, ConversionInterrupted):
+                raise
+            raise ConversionInterrupted("conversion interrupted") from None
 
 
-def chat_step(session, pending, processor, options, min_pixels, max_pixels, group=None) -> bool:
-    """Read one line and act on it; False means exit. Under mlx.launch rank 0 reads the
-    terminal and sends each line to the others."""
-    if group is None:
-        line = read_line()
-    else:
-        from .distributed import read_turn
-
-        line = read_turn(read_line, group)
-    if line is None:
-        click.echo()
-        return False
-    if not line:
-        return True
-    if line.startswith("/"):
-        return run_chat_command(line, session, pending, processor, min_pixels, max_pixels)
-    answer_turn(session, line, pending, options)
-    return True
+# The chat command and its loop live in cli_chat, imported when used; their names are found here too.
+CHAT_NAMES = ("chat", "CHAT_HELP", "chat_step", "read_line", "run_chat_command", "media_count", "answer_turn")
 
 
-def read_line():
-    """The next chat line: None at end of input, "" after Ctrl-C at the prompt."""
-    try:
-        return input(">> ").strip()
-    except EOFError:
-        return None
-    except KeyboardInterrupt:
-        click.echo()
-        return ""
-
-
-def run_chat_command(line, session, pending, processor, min_pixels, max_pixels) -> bool:
-    """Handle a /command; False means exit."""
-    command, _, argument = line.partition(" ")
-    argument = argument.strip()
-    if command in ("/exit", "/quit"):
-        return False
-    if command == "/clear":
-        session.clear()
-        pending["images"].clear()
-        pending["videos"].clear()
-        click.echo("(conversation cleared)")
-    elif command in ("/image", "/video") and argument:
-        kind = "images" if command == "/image" else "videos"
-        try:
-            if kind == "images":
-                processor.check_image(argument)
-                image_notices(processor, [argument], min_pixels, max_pixels)
-            else:
-                processor.check_video(argument)
-        except QwenVLError as error:
-            click.echo(f"error: {error}", err=True)
-            return True
-        pending[kind].append(argument)
-        click.echo(f"(added {argument}; ask your question)")
-    else:
-        click.echo(CHAT_HELP)
-    return True
-
-
-def media_count(pending) -> str:
-    """'1 image', '2 images and 1 video', ... for the media waiting for the next question."""
-    parts = [f"{len(items)} {kind[:-1] if len(items) == 1 else kind}"
-             for kind, items in pending.items() if items]
-    return " and ".join(parts)
-
-
-def answer_turn(session, text, pending, options) -> None:
-    """Stream one answer. Attached media go with the turn once it is in the conversation; a
-    turn undone (Ctrl-C during prefill, a failure) keeps or drops them, and says which."""
-    response, turns, failed = None, len(session.messages), False
-    stream = session.stream(text, pending["images"], pending["videos"],
-                            prompt_progress_callback=PrefillProgress(), **sampling_kwargs(options))
-    try:
-        for response in stream:
-            click.echo(response.text, nl=False)
-            sys.stdout.flush()
-        click.echo()
-    except KeyboardInterrupt:
-        if distributed_guard() is not None:
-            raise  # the ranks cannot stop at the same token: the run ends (friendly_errors)
-        click.echo("\n(stopped)")
-    except Exception as error:  # noqa: BLE001 - a failed turn must not end the conversation
-        if distributed_guard() is not None and not isinstance(error, QwenVLError):
-            # Bad input fails alike on every rank (same inputs, same code) and the conversation
-            # goes on; anything else (a lost rank, memory) may differ between ranks: end them.
-            raise
-        failed = True
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if not isinstance(error, QwenVLError):
-            message = f"{type(error).__name__}: {message}"
-        click.echo(f"\nerror: {message}", err=True)
-        if isinstance(error, QwenVLError) and media_count(pending):  # the media may be the problem
-            click.echo(f"({media_count(pending)} dropped; attach again with /image or /video)")
-            pending["images"].clear()
-            pending["videos"].clear()
-    finally:
-        stream.close()  # the session keeps what was answered so far
-    if len(session.messages) > turns:  # the media went into the conversation
-        pending["images"].clear()
-        pending["videos"].clear()
-    elif media_count(pending):
-        click.echo(f"({media_count(pending)} still attached to your next question; /clear drops attachments)")
-    if response is not None and not failed:
-        click.echo(f"[{stats_line(response)}]", err=True)
+def __getattr__(name):
+    if name in CHAT_NAMES:
+        return getattr(importlib.import_module("mlx_qwenvl.cli_chat"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,8 @@
-"""Model arguments built from a Qwen2.5-VL config.json in any of its published layouts.
+"""A model folder's settings as plain objects built from its JSON files' contents:
+``ModelArgs`` from config.json (in any of its published layouts) and ``SamplingDefaults``
+from generation_config.json. Reading the files is the loader's job (``read_json``).
 
-Three layouts are met in practice:
+Three layouts of config.json are met in practice:
 - flat (the hub files, transformers 4.49-4.51 saves): text keys at the root,
   ``rope_scaling.mrope_section``;
 - dual (transformers 4.52-4.57 re-saves): the root keys plus a ``text_config`` copy;
@@ -17,9 +19,11 @@ wrong for most real models, so a config without ``transformers_version`` (hand-w
 from another tool) gets none: a missing size-defining key is an error naming it.
 """
 
+import json
 import logging
 import re
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Optional
 
 from .errors import ModelLoadError
@@ -284,3 +288,56 @@ def _token_id(key: str, config: dict, text: dict, defaulted: dict) -> int:
             return section[key]
     defaulted[key] = TOKEN_IDS[key]
     return TOKEN_IDS[key]
+
+
+# --------------------------------------------------------------------------------------------
+# generation_config.json
+
+
+@dataclass
+class SamplingDefaults:
+    """The sampling generation_config.json asks for (transformers' ``GenerationConfig`` keys),
+    used where a call leaves an option unset; greedy without it."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0  # 1.0 keeps every token, as transformers' default
+    top_k: int = 0
+    repetition_penalty: Optional[float] = None
+    eos_token_ids: set = field(default_factory=set)
+
+    @classmethod
+    def from_dict(cls, generation_config: Optional[dict]) -> "SamplingDefaults":
+        """From generation_config.json's contents (None: the folder has none). Greedy when
+        ``do_sample`` is false or absent, as transformers; its end-of-sequence ids and
+        repetition penalty apply either way."""
+        config = generation_config or {}
+        eos = config.get("eos_token_id")
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if not config.get("do_sample", False):
+            return cls(eos_token_ids=eos, repetition_penalty=config.get("repetition_penalty"))
+        return cls(
+            temperature=float(config.get("temperature", 1.0)),
+            top_p=float(config.get("top_p", 1.0)),
+            top_k=int(config.get("top_k", 0) or 0),
+            repetition_penalty=config.get("repetition_penalty"),
+            eos_token_ids=eos,
+        )
+
+
+def read_json(file: Path) -> dict:
+    """A model folder's JSON file.
+
+    Raises ModelLoadError naming the file when it cannot be read or parsed."""
+    try:
+        return json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{file}: cannot read JSON ({exc})") from exc
+
+
+def read_folder_json(folder: Path, name: str) -> Optional[dict]:
+    """A model folder's optional JSON file (generation_config.json, preprocessor_config.json):
+    its contents, or None when the folder has none.
+
+    Raises ModelLoadError naming the file when it cannot be read or parsed."""
+    file = Path(folder) / name
+    return read_json(file) if file.is_file() else None

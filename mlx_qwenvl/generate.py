@@ -1,10 +1,8 @@
 """Text generation from image/video prompts, reusing mlx-lm's decoding loop, samplers and caches."""
 
 import inspect
-import json
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Callable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
@@ -14,6 +12,7 @@ from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
+from .config import SamplingDefaults
 from .errors import InputError
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -55,34 +54,6 @@ class GenerationResult:
     peak_memory: float
     finish_reason: Optional[str]
     cached_tokens: int = 0
-
-
-@dataclass
-class SamplingDefaults:
-    temperature: float = 0.0
-    top_p: float = 1.0  # 1.0 keeps every token, as transformers' default
-    top_k: int = 0
-    repetition_penalty: Optional[float] = None
-    eos_token_ids: set = field(default_factory=set)
-
-    @classmethod
-    def from_folder(cls, path) -> "SamplingDefaults":
-        """Defaults from ``generation_config.json``; greedy when it is absent or says so."""
-        file = Path(path) / "generation_config.json" if path else None
-        if file is None or not file.is_file():
-            return cls()
-        config = json.loads(file.read_text())
-        eos = config.get("eos_token_id")
-        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if not config.get("do_sample", False):
-            return cls(eos_token_ids=eos, repetition_penalty=config.get("repetition_penalty"))
-        return cls(
-            temperature=float(config.get("temperature", 1.0)),
-            top_p=float(config.get("top_p", 1.0)),
-            top_k=int(config.get("top_k", 0) or 0),
-            repetition_penalty=config.get("repetition_penalty"),
-            eos_token_ids=eos,
-        )
 
 
 def stop_token_ids(processor) -> set:
@@ -149,7 +120,7 @@ def make_penalty(penalty: Optional[float], context_ids: Sequence[int],
 
 
 def _sampling(processor, model, temperature, top_p, top_k, min_p):
-    defaults = processor.sampling_defaults
+    defaults: SamplingDefaults = processor.sampling_defaults
     temperature = defaults.temperature if temperature is None else temperature
     top_p = defaults.top_p if top_p is None else top_p
     top_k = defaults.top_k if top_k is None else top_k
@@ -377,18 +348,37 @@ def stream_generate(
     video_max_frames: Optional[int] = None,
     **kwargs,
 ) -> Iterator[GenerationResponse]:
-    """Stream an answer to ``prompt`` with optional images/videos (paths, URLs, PIL images;
-    mlx-vlm's ``image=``/``video=``, a single item or a list, are accepted too).
+    """Stream an answer to ``prompt`` with optional images/videos, as mlx-lm's ``stream_generate``.
 
-    ``prompt`` is a question, chat messages, or a prompt already rendered by the chat template
-    (containing ``<|im_start|>``, as mlx-vlm's ``apply_chat_template`` gives), encoded as is.
-    Keyword arguments: max_tokens, temperature (or mlx-vlm's ``temp``), top_p, top_k, min_p,
-    repetition_penalty, repetition_context_size (None: the whole sequence, as transformers),
-    seed, stop, kv_bits, kv_group_size, quantized_kv_start, prefill_step_size,
-    prompt_progress_callback; see ``stream_tokens``.
+    ``prompt`` is a question, chat messages (the reference format), or a prompt already rendered
+    by the chat template (containing ``<|im_start|>``, as mlx-vlm's ``apply_chat_template``
+    gives), encoded as is. ``images``/``videos``: sources as ``Processor.__call__`` takes them
+    (paths, URLs, PIL images, ...); mlx-vlm's ``image=``/``video=``, one item or a list, are
+    accepted too. ``min_pixels``/``max_pixels`` (area per image, in pixels), ``video_fps``
+    (frames sampled per second) and ``video_max_frames``: see ``Processor.__call__``.
+    ``max_kv_size``: a rotating KV cache of that many tokens (keeping the first 4), as mlx-lm's.
+
+    Keyword options (``stream_tokens``'): max_tokens (256); temperature (or mlx-vlm's ``temp``),
+    top_p, top_k and min_p (0) for mlx-lm's sampler (a top_k of at least the vocabulary filters
+    nothing, as transformers' ``TopKLogitsWarper``); repetition_penalty (transformers'
+    ``RepetitionPenaltyLogitsProcessor`` over the prompt and answer, see ``make_penalty``),
+    repetition_context_size (None: the whole sequence); each unset one of temperature, top_p,
+    top_k and repetition_penalty comes from generation_config.json (greedy without it); seed;
+    stop (strings that end the answer, left out of its text); kv_bits, kv_group_size,
+    quantized_kv_start (a quantized KV cache, as mlx-lm's); prefill_step_size (prompt tokens per
+    prefill chunk); prompt_progress_callback(processed, total).
+
+    Yields one ``GenerationResponse`` per generated token: ``text`` (the text it releases, maybe
+    ""), ``token`` (int id), ``prompt_tokens``, ``prompt_tps`` and ``generation_tps`` (tokens per
+    second), ``generation_tokens`` (so far), ``peak_memory`` (GB), ``logprobs`` (mx.array
+    (vocab_size,) in the logits' dtype), ``cached_tokens`` (0: a fresh cache) and
+    ``finish_reason``: None until the last, then "stop" (an end-of-sequence id: <|im_end|>,
+    <|endoftext|>, the tokenizer's or generation_config.json's; or a stop string) or "length".
 
     Raises:
-        InputError: unusable media, prompt or option (one line naming it).
+        InputError: unusable media, prompt or option (one line naming it); a prompt that does
+            not fit the model's context.
+        TypeError: an unknown keyword option.
     """
     images = media_list(images, image, "images", "image")
     videos = media_list(videos, video, "videos", "video")
@@ -439,24 +429,24 @@ def collect(responses) -> GenerationResult:
         tokens.append(last.token)
     if last is None:
         raise InputError("no tokens were generated (max_tokens must be at least 1)")
-    return GenerationResult(
-        text=text,
-        tokens=tokens,
-        prompt_tokens=last.prompt_tokens,
-        prompt_tps=last.prompt_tps,
-        generation_tokens=last.generation_tokens,
-        generation_tps=last.generation_tps,
-        peak_memory=last.peak_memory,
-        finish_reason=last.finish_reason,
-        cached_tokens=last.cached_tokens,
-    )
+    figures = {f.name: getattr(last, f.name) for f in fields(GenerationResult) if f.name not in ("text", "tokens")}
+    return GenerationResult(text=text, tokens=tokens, **figures)
 
 
 def generate(model, processor, prompt, images=None, videos=None, *, verbose: bool = False,
              **kwargs) -> GenerationResult:
-    """The whole answer with its figures; see ``stream_generate`` for the arguments.
+    """The whole answer with its figures, as mlx-lm's ``generate``; arguments as ``stream_generate``.
 
     ``verbose=True`` streams the text to stdout and then prints mlx-lm's statistics lines.
+
+    Returns a ``GenerationResult``: ``text`` (stop strings left out), ``tokens`` (every generated
+    id, the end-of-sequence id included when the answer ended on one), ``prompt_tokens``,
+    ``generation_tokens``, ``prompt_tps`` and ``generation_tps`` (tokens per second),
+    ``peak_memory`` (GB), ``finish_reason`` ("stop" or "length") and ``cached_tokens`` (0).
+
+    Raises:
+        InputError: as ``stream_generate``; also when no token was generated (max_tokens 0).
+        TypeError: an unknown keyword option.
     """
     return collect_verbose(stream_generate(model, processor, prompt, images, videos, **kwargs), verbose)
 

@@ -18,12 +18,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 # preprocessor_config.json values of every Qwen2.5-VL checkpoint on the hub
 PATCH_SIZE = 14
@@ -160,12 +161,7 @@ def load_image(source, *, apply_exif: bool = True) -> Image.Image:
     except InputError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise InputError(f"image {name}: cannot decode ({_reason(exc)})") from exc
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        raise InputError(f"image {name}: cannot decode ({first_line(exc)})") from exc
 
 
 def _open(source, name: str) -> Image.Image:
@@ -180,11 +176,11 @@ def _open(source, name: str) -> Image.Image:
             image = Image.open(fp)
             image.load()
     except Image.DecompressionBombError as exc:
-        raise InputError(f"image {name}: too many pixels, refused as a possible decompression bomb ({_reason(exc)})") from exc
+        raise InputError(f"image {name}: too many pixels, refused as a possible decompression bomb ({first_line(exc)})") from exc
     except UnidentifiedImageError as exc:
         raise InputError(f"image {name}: not a recognized image file") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise InputError(f"image {name}: corrupt or truncated image ({_reason(exc)})") from exc
+        raise InputError(f"image {name}: corrupt or truncated image ({first_line(exc)})") from exc
     return image
 
 
@@ -235,7 +231,7 @@ def _read_file(path: Path, name: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise InputError(f"image {name}: cannot read file ({_reason(exc)})") from exc
+        raise InputError(f"image {name}: cannot read file ({first_line(exc)})") from exc
 
 
 def fetch_url(url: str, name: str, what: str = "image") -> bytes:
@@ -264,7 +260,7 @@ def _decode_data_uri(uri: str, name: str) -> bytes:
             return _b64decode(payload)
         return urllib.parse.unquote_to_bytes(payload)
     except (binascii.Error, ValueError) as exc:
-        raise InputError(f"image {name}: data URI has invalid base64 ({_reason(exc)})") from exc
+        raise InputError(f"image {name}: data URI has invalid base64 ({first_line(exc)})") from exc
 
 
 def _looks_like_base64(text: str) -> bool:
@@ -301,7 +297,7 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as exc:
-        raise InputError(f"image {name}: cannot convert mode {mode!r} to RGB ({_reason(exc)})") from exc
+        raise InputError(f"image {name}: cannot convert mode {mode!r} to RGB ({first_line(exc)})") from exc
 
 
 def array_to_rgb(array: np.ndarray, name: str = "array") -> Image.Image:
@@ -418,6 +414,17 @@ def pixels_to_rows(
     return out, grid
 
 
+def explicit_size(resized_height, resized_width, factor: int = IMAGE_FACTOR) -> tuple[int, int] | None:
+    """An explicit resized_height/resized_width rounded as qwen-vl-utils rounds it (``smart_resize``
+    with its default bounds, whatever min/max_pixels say), for images and video frames alike; None
+    when neither is given. Raises InputError when only one is."""
+    if (resized_height is None) != (resized_width is None):
+        raise InputError("resized_height and resized_width must be given together")
+    if resized_height is None:
+        return None
+    return smart_resize(int(resized_height), int(resized_width), factor, MIN_PIXELS, MAX_PIXELS)
+
+
 def target_size(
     image: Image.Image,
     min_pixels: int = MIN_PIXELS,
@@ -426,13 +433,36 @@ def target_size(
     resized_height: int | None = None,
     resized_width: int | None = None,
 ) -> tuple[int, int]:
-    """The (height, width) an image is resized to; an explicit resized_height/width is rounded as qwen-vl-utils does."""
-    if (resized_height is None) != (resized_width is None):
-        raise InputError("resized_height and resized_width must be given together")
-    if resized_height is not None:
-        # qwen-vl-utils rounds an explicit size with its default bounds, ignoring min/max_pixels
-        return smart_resize(int(resized_height), int(resized_width), factor, MIN_PIXELS, MAX_PIXELS)
-    return smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
+    """The (height, width) an image is resized to: ``explicit_size``, else ``smart_resize`` within the bounds."""
+    size = explicit_size(resized_height, resized_width, factor)
+    return size if size is not None else smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
+
+
+@dataclass
+class PatchLayout:
+    """How resized uint8 frames become patch rows (hub values): process_images/process_videos' options."""
+
+    mean: tuple = CLIP_MEAN
+    std: tuple = CLIP_STD
+    rescale_factor: float = RESCALE_FACTOR
+    patch_size: int = PATCH_SIZE
+    merge_size: int = MERGE_SIZE
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE
+
+    def rows(self, clips) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 clips (T, H, W, 3), each at its final size (multiples of patch_size * merge_size), to
+        ``(pixel_values float32 (N, 3 * temporal_patch_size * patch_size**2), grid_thw int64 (n, 3))``:
+        every clip's rows in order (see ``pixels_to_rows``) and its (t, h, w) grid in patches."""
+        table = normalize_table(self.mean, self.std, self.rescale_factor)
+        all_rows, grids = [], []
+        for frames in clips:
+            rows, grid = pixels_to_rows(frames, table, self.patch_size, self.merge_size, self.temporal_patch_size)
+            all_rows.append(rows)
+            grids.append(list(grid))
+        if not all_rows:
+            return np.zeros((0, 3 * self.temporal_patch_size * self.patch_size**2), np.float32), np.zeros((0, 3), np.int64)
+        pixel_values = all_rows[0] if len(all_rows) == 1 else np.concatenate(all_rows, axis=0)
+        return pixel_values, np.asarray(grids, dtype=np.int64)
 
 
 def process_images(
@@ -441,30 +471,22 @@ def process_images(
     max_pixels: int = MAX_PIXELS,
     *,
     sizes=None,
-    mean=CLIP_MEAN,
-    std=CLIP_STD,
-    rescale_factor: float = RESCALE_FACTOR,
-    patch_size: int = PATCH_SIZE,
-    merge_size: int = MERGE_SIZE,
-    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
     resample: int = Image.BICUBIC,
+    **layout,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """RGB PIL images to ``(pixel_values float32 (N, 1176), image_grid_thw int64 (n, 3))``.
+    """RGB PIL images (or ``load_image`` sources) to ``(pixel_values float32 (N, 1176), image_grid_thw
+    int64 (n, 3))``, each image one temporal slice (t = 1, the frame in both temporal slots).
 
     ``sizes`` optionally gives each image's target (height, width) (multiples of 28); otherwise
-    ``smart_resize`` with ``min_pixels``/``max_pixels`` picks it.
+    ``smart_resize`` with ``min_pixels``/``max_pixels`` picks it. ``layout``: ``PatchLayout``'s
+    fields (mean, std, rescale_factor, patch_size, merge_size, temporal_patch_size).
     """
-    factor = patch_size * merge_size
-    table = normalize_table(mean, std, rescale_factor)
-    all_rows, grids = [], []
-    for i, image in enumerate(images):
+    layout = PatchLayout(**layout)
+    factor = layout.patch_size * layout.merge_size
+
+    def resized(i: int, image) -> np.ndarray:
         image = to_rgb(image, f"#{i}") if isinstance(image, Image.Image) else load_image(image)
         h, w = sizes[i] if sizes is not None else smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
-        pixels = np.asarray(resize_image(image, h, w, resample), dtype=np.uint8)
-        rows, grid = pixels_to_rows(pixels[None], table, patch_size, merge_size, temporal_patch_size)
-        all_rows.append(rows)
-        grids.append([1, grid[1], grid[2]])
-    if not all_rows:
-        return np.zeros((0, 3 * temporal_patch_size * patch_size**2), np.float32), np.zeros((0, 3), np.int64)
-    pixel_values = all_rows[0] if len(all_rows) == 1 else np.concatenate(all_rows, axis=0)
-    return pixel_values, np.asarray(grids, dtype=np.int64)
+        return np.asarray(resize_image(image, h, w, resample), dtype=np.uint8)[None]
+
+    return layout.rows(resized(i, image) for i, image in enumerate(images))

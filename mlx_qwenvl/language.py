@@ -39,6 +39,13 @@ def rope_kernel_is_fused() -> bool:
     return mx.default_device() != mx.cpu
 
 
+def rotate_half(x: mx.array) -> mx.array:
+    """The NeoX rotation's partner of ``x`` (last axis): (-second half, first half), as the
+    reference's ``rotate_half``; the decoder's and the vision tower's rotary both use it."""
+    half = x.shape[-1] // 2
+    return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
 class MRoPE:
     """Rotary embedding whose frequencies are split into (time, height, width) sections.
 
@@ -88,9 +95,7 @@ class MRoPE:
     def __call__(self, x: mx.array, rope) -> mx.array:
         if isinstance(rope, tuple):
             cos, sin = rope
-            half = self.head_dim // 2
-            rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-            return x * cos + rotated * sin
+            return x * cos + rotate_half(x) * sin
         return mx.fast.rope(
             x, self.head_dim, traditional=False, base=self.base, scale=1.0, offset=rope
         )
@@ -121,11 +126,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    """The SwiGLU feed-forward block: the decoder's without biases, the vision tower's with them."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -309,13 +316,13 @@ class LanguageModel(nn.Module):
                               "intermediate size": args.intermediate_size}, "tensor parallelism")
         if kv_heads % size and size % kv_heads:
             raise ValueError(f"tensor parallelism over {size} ranks needs the key/value heads ({kv_heads}) to "
-                             f"divide by {size} or {size} by them; use pipeline parallelism or another number of ranks")
+                             f"divide by {size} or {size} by them; use pipeline parallelism (--parallel pipeline) or another number of ranks")
         first = self.model.layers[0]
         for name, layer in (("o_proj", first.self_attn.o_proj), ("down_proj", first.mlp.down_proj)):
             if hasattr(layer, "scales") and layer.scales.shape[-1] % size:
                 raise ValueError(
                     f"tensor parallelism over {size} ranks cannot split {name}'s {layer.scales.shape[-1]} "
-                    f"quantization groups evenly; use pipeline parallelism"
+                    f"quantization groups evenly; use pipeline parallelism (--parallel pipeline)"
                 )
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -383,4 +390,4 @@ def _check_divides(size: int, counts: dict, what: str) -> None:
     for name, count in counts.items():
         if count % size:
             raise ValueError(f"{what} over {size} ranks needs the {name} ({count}) to divide by {size}; "
-                             f"use pipeline parallelism or another number of ranks")
+                             f"use pipeline parallelism (--parallel pipeline) or another number of ranks")

@@ -1,23 +1,32 @@
-"""Loading Qwen2.5-VL model folders: hub checkpoints, transformers 5.x saves, mlx-vlm conversions."""
+"""Loading Qwen2.5-VL model folders: hub checkpoints, transformers 5.x saves, mlx-vlm conversions.
+
+Everything that can fail does so from config.json and the safetensors headers, before any weight
+is read; the converter reads folders through the same functions (read_config, mlx_quantization,
+stored_tensors, model_skeleton, load_weights). How much memory a model takes is in memory.py,
+where a model comes from (a folder, ``demo``, the hub) in hub.py.
+"""
 
 import glob
 import json
-import math
 import os
 import platform
 import warnings
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs
-from .errors import ModelLoadError
+from .config import ModelArgs, read_folder_json
+from .errors import ModelLoadError, short_list
+from .foreign import foreign_quantization_error, quantization_config
+from .hub import resolve_model_path
+from .memory import (GB, RUNTIME_MARGIN, conversion_overhead, loaded_bytes, quantized_modules, stored_kind,
+                     system_available_memory)
 from .model import Model
+from .quantization import QuantSettings
+from .safetensors_io import StoredTensor, read_stored_tensors
 
 # Weight-name layouts and how each maps onto the MLX model's names.
 TORCH_PREFIXES = (
@@ -30,36 +39,7 @@ TORCH_PREFIXES = (
 MLX_PREFIXES = ("vision_tower.", "language_model.")
 PATCH_EMBED = "vision_tower.patch_embed.proj.weight"
 
-# What MLX quantizes with: affine (weights, scales and biases) in these bits and group sizes, and
-# the floating-point modes (weights and uint8 scales, no biases), each with one bits/group size.
-AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)
-AFFINE_GROUP_SIZES = (32, 64, 128)
-FLOAT_MODES = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}
-
-# quantization_config.quant_method of other libraries, as their users know them.
-FOREIGN_METHODS = {
-    "awq": "AWQ", "gptq": "GPTQ", "fp8": "FP8", "fbgemm_fp8": "FBGEMM FP8", "bitsandbytes": "bitsandbytes",
-    "compressed-tensors": "compressed-tensors", "hqq": "HQQ", "eetq": "EETQ", "aqlm": "AQLM",
-    "quanto": "Quanto", "torchao": "torchao", "modelopt": "ModelOpt", "bitnet": "BitNet", "mxfp4": "MXFP4",
-    "auto-round": "AutoRound", "vptq": "VPTQ", "higgs": "HIGGS", "spqr": "SpQR",
-}
-# The published 16-bit checkpoints by text width, named in the error for a foreign checkpoint.
-ORIGINAL_SIZES = {2048: "3B", 3584: "7B", 5120: "32B", 8192: "72B"}
-
 AVAILABLE_MEMORY_ENV = "MLX_QWENVL_AVAILABLE_MEMORY"  # test hook: bytes to take as available
-# Memory needed beyond the weights. A prompt with an image: the vision tower's full-attention
-# blocks hold heads x patches^2 float32 scores (16 x 4096^2 x 4 B, about 1 GB, for an image of
-# ~1000 tokens); the KV cache takes ~0.1 MB a token in float32 (7B: 28 layers x 2 x 4 heads x
-# 128 x 4 B), ~0.4 GB for 4000 tokens; Python, MLX and the tokenizer ~0.5 GB. 2 GiB covers a
-# typical prompt; a much larger image or context can still need more.
-RUNTIME_MARGIN = 2 << 30
-GB = 1e9
-
-# cgroup controllers: (mount under the root, limit file, usage file, reclaimable-cache key in
-# memory.stat). Page cache counts as used in a cgroup, but its inactive part (the weight files
-# just read, say) is reclaimed before the kernel kills anything, as kubelet reckons it too.
-CGROUP_V2 = ("sys/fs/cgroup", "memory.max", "memory.current", "inactive_file")
-CGROUP_V1 = ("sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
 
 
 class DtypeFallbackWarning(UserWarning):
@@ -67,6 +47,7 @@ class DtypeFallbackWarning(UserWarning):
 
 
 def read_config(path: Path) -> dict:
+    """A model folder's config.json. Raises ModelLoadError when it is missing or not JSON."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path} has no config.json: not a model folder")
@@ -74,6 +55,16 @@ def read_config(path: Path) -> dict:
         return json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelLoadError(f"{config_file} is not valid JSON ({error})") from None
+
+
+def read_configs(path: Path) -> dict:
+    """The folder's three configuration files, each read once, for whoever needs them (as
+    mlx-lm's load): ``config`` (config.json, required), ``generation_config`` and
+    ``preprocessor_config`` (None when the folder has none). Raises ModelLoadError as read_config
+    and for an unreadable optional file."""
+    return {"config": read_config(path),
+            "generation_config": read_folder_json(path, "generation_config.json"),
+            "preprocessor_config": read_folder_json(path, "preprocessor_config.json")}
 
 
 def weight_files(path: Path) -> list:
@@ -132,12 +123,6 @@ def sanitize(weights: dict, args: ModelArgs) -> dict:
     return renamed
 
 
-def _short_list(keys, limit=8) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def default_dtype():
     """On a Linux CPU float32 is the fast path (BLAS); elsewhere keep the checkpoint's dtype."""
     if platform.system() == "Linux" and mx.default_device() == mx.cpu:
@@ -158,7 +143,7 @@ def mlx_quantization(config: dict, where: str = "the model") -> Optional[dict]:
     """
     if config.get("quantization") is not None:
         return config["quantization"]  # mlx-lm trusts it over any quantization_config too
-    settings = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    settings = quantization_config(config)
     if not isinstance(settings, dict) or not settings:
         return None
     if settings.get("quant_method") is not None:
@@ -172,39 +157,14 @@ def with_mlx_quantization(config: dict, where: str = "the model") -> dict:
     return {**config, "quantization": mlx_quantization(config, where)}
 
 
-def foreign_quantization_error(config: dict, method, where: str) -> ModelLoadError:
-    """One line naming the method and the way forward: for AWQ and GPTQ (without act-order) an
-    exact MLX folder made from this one with ``mlx-qwenvl convert``; otherwise (and besides) the
-    16-bit original, or an MLX folder made from it (named for the published sizes, recognised
-    by their text width)."""
-    from .convert import foreign_refusal  # convert imports this module
+def model_args(config: dict, where: str = "the model") -> ModelArgs:
+    """The ModelArgs of ``config``, its quantization the MLX settings (mlx_quantization): parsed
+    once, and another model type or a missing key is the first thing said.
 
-    label = FOREIGN_METHODS.get(str(method).lower(), str(method))
-    settings = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
-    if isinstance(settings, dict) and foreign_refusal(settings) is None:
-        folder = where if Path(where).is_dir() else "<folder>"
-        return ModelLoadError(
-            f"{where} holds {label}-quantized weights (quantization_config.quant_method {method!r}), which MLX "
-            f"cannot load directly; convert them exactly with `mlx-qwenvl convert --hf-path {folder} --mlx-path "
-            f"<new folder>`, or {_from_original(config)}"
-        )
-    return ModelLoadError(
-        f"{where} holds {label}-quantized weights (quantization_config.quant_method {method!r}), which "
-        f"MLX cannot load; {_from_original(config)}"
-    )
-
-
-def _from_original(config: dict) -> str:
-    """The way from the 16-bit original: named for the published sizes."""
-    width = (config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size")
-    size = ORIGINAL_SIZES.get(width)
-    if size:
-        original = f"Qwen/Qwen2.5-VL-{size}-Instruct"
-        way = f"use the 16-bit original ({original})"
-    else:
-        original = "<16-bit checkpoint>"
-        way = "use the 16-bit checkpoint it was made from"
-    return f"{way}, or make a 4-bit MLX folder from it with `mlx-qwenvl convert --hf-path {original} -q`"
+    Raises ModelLoadError as ModelArgs.from_dict, then as mlx_quantization."""
+    args = ModelArgs.from_dict(config)
+    args.quantization = mlx_quantization(config, where)
+    return args
 
 
 def mlx_module_path(path: str) -> str:
@@ -219,7 +179,7 @@ def mlx_module_path(path: str) -> str:
     return path
 
 
-def stored_quantization(path: str, module: nn.Module, shapes: dict) -> Optional[dict]:
+def stored_quantization(path: str, module: nn.Module, shapes: dict) -> Optional[QuantSettings]:
     """The settings a layer's stored shapes imply; None when no setting MLX has implies them.
 
     The layer's input width comes from the config (the unquantized module). The scales hold
@@ -228,18 +188,13 @@ def stored_quantization(path: str, module: nn.Module, shapes: dict) -> Optional[
     The stored shapes alone would not do: they fix only bits * group_size (32 * packed /
     scales columns), 128 for both 4 bits in groups of 32 and 2 bits in groups of 64.
     Affine layers store biases, the floating-point modes do not, and each of those has a
-    single (bits, group size), so the mode follows too.
+    single (bits, group size), so the mode follows too (QuantSettings.implied).
     """
     weight, scales = shapes.get(f"{path}.weight"), shapes.get(f"{path}.scales")
     width = module.weight.shape[-1]
     if weight is None or scales is None or not scales[-1] or width % scales[-1] or (32 * weight[-1]) % width:
         return None
-    group_size, bits = width // scales[-1], 32 * weight[-1] // width
-    if f"{path}.biases" in shapes:
-        mode = "affine" if bits in AFFINE_BITS and group_size in AFFINE_GROUP_SIZES else None
-    else:
-        mode = FLOAT_MODES.get((bits, group_size))
-    return None if mode is None else {"group_size": group_size, "bits": bits, "mode": mode}
+    return QuantSettings.implied(32 * weight[-1] // width, width // scales[-1], f"{path}.biases" in shapes)
 
 
 def _quantize_like(model: nn.Module, quantization: dict, shapes: dict, where: str = "") -> dict:
@@ -250,8 +205,7 @@ def _quantize_like(model: nn.Module, quantization: dict, shapes: dict, where: st
     default. Returns the settings with every override, and every layer that differs from the
     default, under its MLX path. Raises ModelLoadError for settings MLX cannot quantize with.
     """
-    default = {"group_size": quantization.get("group_size"), "bits": quantization.get("bits"),
-               "mode": quantization.get("mode", "affine")}
+    default = QuantSettings.from_entry(quantization)
     overrides = {mlx_module_path(key): value for key, value in quantization.items()
                  if isinstance(value, (dict, bool))}
     resolved = {key: value for key, value in quantization.items() if not isinstance(value, (dict, bool))}
@@ -266,11 +220,11 @@ def _quantize_like(model: nn.Module, quantization: dict, shapes: dict, where: st
         if settings is None:
             return True  # the default; the shape check names the layer if it is wrong
         if settings != default:
-            resolved[path] = settings
-        return dict(settings)  # nn.quantize may edit it
+            resolved[path] = settings.as_dict()
+        return settings.as_dict()
 
     try:
-        nn.quantize(model, **default, class_predicate=predicate)
+        nn.quantize(model, **default.as_dict(), class_predicate=predicate)
     except ValueError as error:
         raise ModelLoadError(f"{where}cannot quantize the model as config.json says: {error}") from None
     return resolved
@@ -292,9 +246,9 @@ def model_skeleton(args: ModelArgs, shapes: dict, where: str = "") -> Model:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing weights: {_short_list(missing)}")
+            parts.append(f"missing weights: {short_list(missing)}")
         if unexpected:
-            parts.append(f"unexpected weights: {_short_list(unexpected)}")
+            parts.append(f"unexpected weights: {short_list(unexpected)}")
         raise ModelLoadError(where + "; ".join(parts))
     wrong = [name for name, shape in shapes.items() if tuple(shape) != expected[name]]
     if wrong:
@@ -377,7 +331,7 @@ def build_model(config: dict, weights: dict, dtype=None) -> Model:
 
     Raises ModelLoadError for another library's quantization and for missing, unexpected or
     misshapen weights."""
-    args = ModelArgs.from_dict(with_mlx_quantization(config))
+    args = model_args(config)
     weights = sanitize(weights, args)
     model = model_skeleton(args, {name: value.shape for name, value in weights.items()})
     _fill(model, weights, dtype)
@@ -387,168 +341,13 @@ def build_model(config: dict, weights: dict, dtype=None) -> Model:
 # --------------------------------------------------------------------------- memory
 
 
-@dataclass(frozen=True)
-class StoredTensor:
-    """A tensor known from its safetensors header; sanitize renames and transposes it for free."""
+def stored_tensors(path: Path, args: ModelArgs) -> dict[str, StoredTensor]:
+    """MLX name -> StoredTensor for every weight of a folder, from the safetensors headers alone,
+    file by file in the order of their data.
 
-    shape: tuple
-    dtype: str  # safetensors' name: "BF16", "U32", ...
-    nbytes: int
-
-    def transpose(self, *axes):
-        return StoredTensor(tuple(self.shape[a] for a in axes), self.dtype, self.nbytes)
-
-    @property
-    def floating(self) -> bool:
-        return self.dtype.startswith(("F", "BF"))
-
-
-def stored_tensors(path: Path, args: ModelArgs) -> dict:
-    """MLX name -> StoredTensor for every weight of a folder, from the safetensors headers alone.
-
-    Raises ModelLoadError for a shard missing from the index, a truncated or unreadable file."""
-    from .convert import read_safetensors_header  # convert imports this module
-
-    tensors = {}
-    for file in weight_files(path):
-        for name, entry in read_safetensors_header(file).items():
-            start, end = entry["data_offsets"]
-            tensors[name] = StoredTensor(tuple(entry["shape"]), entry["dtype"], end - start)
-    return sanitize(tensors, args)
-
-
-def _quantized_modules(model: nn.Module) -> dict:
-    return {path: module for path, module in model.named_modules()
-            if "scales" in module and hasattr(module, "bits")}
-
-
-def _dequantized_bits(model: nn.Module, dequantize: bool) -> dict:
-    """Module path -> bits of every layer that loading makes dense (none unless ``dequantize``)."""
-    return {path: module.bits for path, module in _quantized_modules(model).items()} if dequantize else {}
-
-
-def _loaded(tensor: StoredTensor, leaf: str, dtype, bits: Optional[int]) -> int:
-    """Bytes of one stored tensor once loaded: in ``dtype`` if floating point (None: as stored);
-    with ``bits`` (its layer dequantized) a weight unpacked to ``dtype``, scales and biases gone."""
-    elements = math.prod(tensor.shape)
-    if bits is not None:
-        return elements * 32 // bits * dtype.size if leaf == "weight" else 0
-    if dtype is not None and tensor.floating:
-        return elements * dtype.size
-    return tensor.nbytes
-
-
-def loaded_bytes(model: Model, tensors: dict, dtype=None, dequantize: bool = False) -> int:
-    """Bytes the stored ``tensors`` take once loaded into ``model`` (a skeleton) as ``dtype``,
-    quantized layers made dense with ``dequantize`` (which needs a ``dtype``)."""
-    bits = _dequantized_bits(model, dequantize)
-    total = 0
-    for name, tensor in tensors.items():
-        path, _, leaf = name.rpartition(".")
-        total += _loaded(tensor, leaf, dtype, bits.get(path))
-    return total
-
-
-def conversion_overhead(model: Model, tensors: dict, dtype=None, dequantize: bool = False) -> int:
-    """The most memory one module holds beside the loaded model while it is converted (_fill
-    converts one at a time): its stored tensors, and when it is dequantized, its scales and
-    biases in ``dtype`` plus an intermediate the size of its dense weight (MLX's dequantize
-    peaks at twice its output)."""
-    bits = _dequantized_bits(model, dequantize)
-    per_module = Counter()
-    for name, tensor in tensors.items():
-        path, _, leaf = name.rpartition(".")
-        per_module[path] += tensor.nbytes
-        if path in bits:
-            per_module[path] += _loaded(tensor, leaf, dtype, bits[path] if leaf == "weight" else None)
-    return max(per_module.values(), default=0)
-
-
-def stored_kind(model: Model, tensors: dict) -> str:
-    """The checkpoint's weights in a word: '4-bit', '4/8-bit' (mixed) or their float dtype."""
-    bits = sorted({module.bits for module in _quantized_modules(model).values()})
-    if bits:
-        return "/".join(map(str, bits)) + "-bit"
-    sizes = Counter()
-    for tensor in tensors.values():
-        if tensor.floating:
-            sizes[tensor.dtype] += tensor.nbytes
-    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-    return names.get(sizes.most_common(1)[0][0], "stored") if sizes else "stored"
-
-
-def _read_int(file: Path) -> Optional[int]:
-    """The number in a one-number file; None when absent or not a number ("max": no limit)."""
-    try:
-        text = file.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _stat_value(file: Path, key: str) -> int:
-    """A ``key value`` line of a memory.stat file; 0 when absent."""
-    try:
-        lines = file.read_text().splitlines()
-    except OSError:
-        return 0
-    for line in lines:
-        parts = line.split()
-        if len(parts) == 2 and parts[0] == key and parts[1].isdigit():
-            return int(parts[1])
-    return 0
-
-
-def _meminfo_available(root: Path) -> Optional[int]:
-    try:
-        lines = (root / "proc/meminfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024  # the kernel writes kB (KiB)
-    return None
-
-
-def _own_cgroups(root: Path) -> dict:
-    """{"v2": path, "v1": path} of this process's memory cgroups, from /proc/self/cgroup."""
-    groups = {}
-    try:
-        lines = (root / "proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return groups
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        if parts[0] == "0" and parts[1] == "":
-            groups["v2"] = parts[2]
-        elif "memory" in parts[1].split(","):
-            groups["v1"] = parts[2]
-    return groups
-
-
-def _cgroup_headroom(root: Path) -> Iterator[int]:
-    """What each limited cgroup holding this process has left: its own group and every ancestor
-    (a parent's limit binds its children), in cgroup v2 and v1."""
-    groups = _own_cgroups(root)
-    for version, (mount, limit_file, usage_file, cache_key) in (("v2", CGROUP_V2), ("v1", CGROUP_V1)):
-        base = root / mount
-        relative = Path(groups.get(version, "/").lstrip("/"))
-        for folder in [base / relative, *(base / parent for parent in relative.parents)]:
-            limit = _read_int(folder / limit_file)
-            if limit is None:
-                continue
-            used = (_read_int(folder / usage_file) or 0) - _stat_value(folder / "memory.stat", cache_key)
-            yield limit - max(0, used)
-
-
-def system_available_memory(root: Path = Path("/")) -> Optional[int]:
-    """Bytes this process can still allocate: the least of MemAvailable and every cgroup limit's
-    headroom; None where none of them can be read (macOS, for one)."""
-    root = Path(root)
-    figures = [figure for figure in (_meminfo_available(root), *_cgroup_headroom(root)) if figure is not None]
-    return max(0, min(figures)) if figures else None
+    Raises ModelLoadError for a shard missing from the index, a truncated or unreadable file, a
+    tensor stored in two files, and names that mix the MLX and PyTorch layouts."""
+    return sanitize(read_stored_tensors(weight_files(path)), args)
 
 
 def available_memory() -> Optional[int]:
@@ -571,7 +370,7 @@ def choose_dtype(requested, model: Model, tensors: dict, where: str = "the model
     dtype = default_dtype() if auto else requested
     if dtype is None or dtype != mx.float32:  # (mx.Dtype cannot be compared with None)
         return dtype, False
-    dequantize = auto and bool(_quantized_modules(model))
+    dequantize = auto and bool(quantized_modules(model))
     weights = loaded_bytes(model, tensors, mx.float32, dequantize)
     needed = weights + conversion_overhead(model, tensors, mx.float32, dequantize) + RUNTIME_MARGIN
     available = available_memory()
@@ -609,37 +408,26 @@ def as_dtype(dtype):
 
 
 def load_model(path, dtype: Optional[mx.Dtype] = "auto", *, lazy: bool = False, group=None,
-               parallel: str = "tensor") -> Model:
-    """Load a local model folder.
+               parallel: str = "tensor", config: Optional[dict] = None) -> Model:
+    """The Model of a local folder: ``load`` without the hub and the processor; see ``load`` for
+    ``dtype`` (an ``mx.Dtype``, None, 'auto' or a name, as the CLI's ``--dtype``), ``lazy``,
+    ``group`` and ``parallel`` (``lazy`` does not apply under a group: see
+    ``distributed.load_model_sharded``), and for the ModelLoadError raised, before any weight is
+    read, for a folder that cannot be loaded as asked. ``config``: the folder's config.json when
+    the caller has read it (else it is read here).
 
-    ``group`` (an ``mx.distributed`` group of more than one process, as ``mlx.launch`` makes)
-    loads only this rank's part, split by ``parallel`` ('tensor' or 'pipeline'): see
-    ``distributed.load_model_sharded`` (``lazy`` does not apply there). Without a group (or with
-    a group of one) nothing changes.
-
-    ``dtype='auto'`` computes in float32 on a Linux CPU, where float32 products go through
-    BLAS while bfloat16 and quantized products are 20-250x slower: 16-bit weights are cast
-    and quantized ones dequantized, when float32 fits in memory (else see choose_dtype).
-    Elsewhere (Metal, CUDA) it keeps the checkpoint's dtype. ``dtype=None`` always keeps it;
-    an ``mx.Dtype`` casts the floating-point weights.
-
-    Everything that can fail does so before any weight is read: ModelLoadError for a missing
-    folder, config or shard, another model type, another library's quantization, weight names
-    or shapes the config does not imply, float32 asked for but too large, and an unknown
-    dtype. ``dtype`` may also be a name: 'float32', 'bfloat16', 'float16', 'auto' or
-    'checkpoint' (None), as the CLI's ``--dtype``.
+    ``'auto'`` is float32 on a Linux CPU because float32 products go through BLAS there, while
+    bfloat16 and quantized products are 20-250x slower (see choose_dtype for the memory check).
     """
     dtype = as_dtype(dtype)
     if group is not None and group.size() > 1:
         from .distributed import load_model_sharded
 
-        return load_model_sharded(path, group, parallel, dtype)
+        return load_model_sharded(path, group, parallel, dtype, config)
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model folder {path} does not exist")
-    config = read_config(path)
-    ModelArgs.from_dict(config)  # a wrong model type is the first thing to say
-    args = ModelArgs.from_dict(with_mlx_quantization(config, str(path)))
+    args = model_args(config if config is not None else read_config(path), str(path))
     tensors = stored_tensors(path, args)
     model = model_skeleton(args, {name: tensor.shape for name, tensor in tensors.items()})
     dtype, dequantize = choose_dtype(dtype, model, tensors, str(path))
@@ -647,57 +435,52 @@ def load_model(path, dtype: Optional[mx.Dtype] = "auto", *, lazy: bool = False, 
     return model
 
 
-# What a model folder needs: weights, configs, tokenizer and templates (no PyTorch .bin files).
-MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-
-
-DEMO_MODEL = Path(__file__).parent / "demo_model"
-
-
-def resolve_model_path(path_or_repo, revision: Optional[str] = None) -> Path:
-    """A local folder as is; ``demo`` for the small model shipped with the package; a hub repo
-    id downloaded (only the files needed) or taken from the local cache when offline."""
-    if str(path_or_repo) == "demo":
-        if not (DEMO_MODEL / "config.json").is_file():
-            raise ModelLoadError(f"the demo model is missing from this installation ({DEMO_MODEL})")
-        return DEMO_MODEL
-    path = Path(path_or_repo).expanduser()
-    if path.exists():
-        return path
-    repo_id = str(path_or_repo)
-    if repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
-        raise ModelLoadError(f"model folder {path_or_repo} does not exist")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILE_PATTERNS))
-    except Exception as download_error:  # offline, unknown repo, gated: try the cache
-        try:
-            return Path(snapshot_download(repo_id, revision=revision,
-                                          allow_patterns=MODEL_FILE_PATTERNS, local_files_only=True))
-        except Exception:
-            reason = str(download_error).strip().splitlines()[0] if str(download_error).strip() else type(download_error).__name__
-            raise ModelLoadError(
-                f"{repo_id} is neither a local folder nor in the hub cache, and downloading it "
-                f"failed: {reason}"
-            ) from None
-
-
 def load(path_or_repo, *, dtype="auto", revision: Optional[str] = None, lazy: bool = False, group=None,
          parallel: str = "tensor"):
     """``(model, processor)`` from a local folder, ``"demo"`` or a hub repo id, as ``mlx_lm.load``.
 
     Options are keyword-only (a second positional argument means a tokenizer config in
-    mlx-lm and an adapter path in mlx-vlm). ``dtype``: see ``load_model``; ``revision``: the
-    hub branch, tag or commit; ``lazy=True`` returns before the weights are read into memory
-    (they load on first use), as mlx-lm. ``group``/``parallel``: this rank's part of the model
-    across several processes (see ``load_model``; every rank calls ``load`` alike).
+    mlx-lm and an adapter path in mlx-vlm).
+
+    Args:
+        path_or_repo: a model folder; ``"demo"``, the small model shipped with the package; or
+            a hub repo id (``owner/name``), of which only the files a model needs are
+            downloaded (taken from the hub cache when offline).
+        dtype: the floating-point weights' dtype. ``"auto"`` (default) is float32 on a Linux
+            CPU (quantized layers dequantized) when the weights in float32, the largest
+            module's conversion and a 2 GiB margin fit in the bytes this process can still
+            allocate, else the checkpoint's dtype with a ``DtypeFallbackWarning``; elsewhere
+            (Metal, CUDA) the checkpoint's. ``None`` or ``"checkpoint"`` keeps the checkpoint's;
+            an ``mx.Dtype`` or its name (``"float32"``, ``"bfloat16"``, ``"float16"``) casts to
+            it. Quantized layers stay quantized (uint32 weights, their scales and biases) except
+            under ``"auto"``'s float32.
+        revision: the hub branch, tag or commit (hub ids only).
+        lazy: return before the weights are read into memory (they load on first use), as
+            mlx-lm (not under a ``group``); the checks below still run first.
+        group: an ``mx.distributed`` group of several processes (as ``mlx.launch`` makes): this
+            rank loads only its part of the model, split by ``parallel`` (``"tensor"`` or
+            ``"pipeline"``); every rank calls ``load`` alike. None, or a group of one: the whole
+            model.
+
+    Returns:
+        ``(Model, Processor)``: the model, its parameters in the dtype above (``Model.args``
+        holds the parsed config.json), and the folder's processor (tokenizer, chat template,
+        image and video preprocessing, generation_config.json's sampling defaults).
 
     Raises:
-        ModelLoadError: a missing folder or repo, or a folder that cannot be loaded.
+        ModelLoadError: before any weight is read: a missing folder or ``demo`` model; a hub
+            id that is neither downloadable nor cached; a config.json that is missing, not
+            JSON, of another model type or missing a key; another library's quantization
+            (AWQ/GPTQ name ``mlx-qwenvl convert``, which converts them exactly); a shard missing
+            from the index, truncated or unreadable; weight names or shapes the config does not
+            imply; an explicit float32 that does not fit in memory; an unknown or non-floating
+            dtype; a tokenizer, chat template or preprocessor file that cannot be read.
     """
     from .processor import Processor
 
     path = resolve_model_path(path_or_repo, revision)
-    model = load_model(path, dtype, lazy=lazy, group=group, parallel=parallel)
-    return model, Processor.from_pretrained(path)
+    configs = read_configs(path)
+    model = load_model(path, dtype, lazy=lazy, group=group, parallel=parallel, config=configs["config"])
+    processor = Processor.from_pretrained(path, preprocessor_config=configs["preprocessor_config"] or {},
+                                          generation_config=configs["generation_config"])
+    return model, processor

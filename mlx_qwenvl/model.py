@@ -103,8 +103,37 @@ class Model(nn.Module):
         input_embeddings: Optional[mx.array] = None,
         **vision_inputs,
     ) -> mx.array:
-        """Logits for ``input_ids``; vision inputs are ``pixel_values``, ``image_grid_thw``,
-        ``pixel_values_videos``, ``video_grid_thw`` and ``second_per_grid_ts``."""
+        """Logits for ``input_ids``, as an mlx-lm model call.
+
+        Args:
+            input_ids: (B, L) integer token ids (numpy, list or mx.array); with images or videos,
+                B = 1 and every placeholder expanded, as ``Processor`` gives them.
+            cache: one KV cache per layer, filled in place (``make_cache``, or mlx-lm's
+                ``make_prompt_cache``; a call with vision inputs needs this ``PromptCache``);
+                None: no cache, positions from 0.
+            input_embeddings: (B, L, hidden_size) used instead of ``embed(input_ids, ...)``
+                (``input_ids`` still give the M-RoPE positions).
+            **vision_inputs: as ``Processor`` returns them: ``pixel_values`` / ``pixel_values_videos``,
+                float (N, 3 * temporal_patch_size * patch_size**2) normalized patch rows;
+                ``image_grid_thw`` / ``video_grid_thw``, int (items, 3) (t, h, w) in patches;
+                ``second_per_grid_ts``, each video's seconds per temporal grid step (1.0 if absent).
+
+        Positions: text continues at the cache length plus the cache's ``rope_delta``; a call
+        with images or videos takes 3D M-RoPE ids by the reference's rule (transformers 4.5x
+        ``Qwen2_5_VLModel.get_rope_index``, see rope_index) and stores the new delta in the cache;
+        a call on an empty cache starts at 0.
+
+        Returns:
+            Logits (B, L, vocab_size) in the model's compute dtype (float32, bfloat16 or
+            float16, as loaded).
+
+        Raises:
+            InputError: vision inputs with B > 1 or with a cache that is not a ``PromptCache``;
+                placeholder tokens that do not match the grids' features; grids without pixels.
+            ValueError: the placeholder tokens are not one run per grid item, each as long as
+                its features (rope_index; reachable past the count check with split runs, or
+                with ``input_embeddings``, which skips it).
+        """
         embeddings, position_ids, start = self._prepare(input_ids, cache, input_embeddings, **vision_inputs)
         return self.language_model(embeddings, cache, position_ids=position_ids, position_offset=start)
 
@@ -172,7 +201,19 @@ class Model(nn.Module):
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None,
               pixel_values_videos=None, video_grid_thw=None) -> mx.array:
-        """Token embeddings with the vision features written over the placeholder rows."""
+        """Token embeddings with the vision features written over the placeholder rows.
+
+        ``input_ids``: (B, L) integer ids (numpy, list or mx.array); the vision inputs as
+        ``__call__`` takes them. Returns (B, L, hidden_size) in the embedding's dtype: the vision
+        tower's features, cast to it, replace the rows of ``image_token_id`` tokens (images in
+        order, raster order within each) and of ``video_token_id`` tokens (videos likewise); each
+        item gives t*h*w / spatial_merge_size**2 of them. An mx.array without grids (a decoding
+        step) is looked up on the device, with no read back to the host.
+
+        Raises:
+            InputError: the placeholder tokens of a kind differ in number from the features its
+                grids give; grids without their pixel values.
+        """
         embed_tokens = self.language_model.model.embed_tokens
         if isinstance(input_ids, mx.array) and image_grid_thw is None and video_grid_thw is None:
             # Decoding steps: ids already on the device; reading them back would stall the loop.

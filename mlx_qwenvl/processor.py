@@ -1,7 +1,7 @@
 """Chat messages, images and videos to Qwen2.5-VL model inputs, as ``Qwen2_5_VLProcessor`` builds them.
 
-The prompt is rendered with the model folder's chat template (jinja2, configured as transformers
-configures it; a text-model template that cannot render images gets text as strings, and prompts with
+The prompt is rendered with the model folder's chat template (chat_template.py: jinja2, configured as
+transformers configures it; a text-model template that cannot render images gets text as strings, and prompts with
 images or videos use the built-in Qwen2.5-VL template instead); every ``<|image_pad|>`` /
 ``<|video_pad|>`` is expanded to t*h*w/4 copies; the text is tokenized with the tokenizer mlx-lm
 loads. Pixels come from image_processing / video_processing.
@@ -9,14 +9,22 @@ loads. Pixels come from image_processing / video_processing.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from .chat_template import (
+    DEFAULT_CHAT_TEMPLATE,
+    VISION_PLACEHOLDERS,
+    compile_template,
+    find_chat_template,
+    locate_chat_template,
+    probe_template,
+    render_template,
+)
+from .config import SamplingDefaults, read_folder_json
 from .errors import InputError, ModelLoadError
 from .image_processing import (
     CLIP_MEAN,
@@ -27,6 +35,7 @@ from .image_processing import (
     PATCH_SIZE,
     RESCALE_FACTOR,
     TEMPORAL_PATCH_SIZE,
+    PatchLayout,
     check_pixel_bounds,
     grid_token_counts,
     image_token_count,
@@ -39,49 +48,20 @@ from .video_processing import VIDEO_OPTIONS, fetch_video, probe_video, process_v
 
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
-IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
-# What a template must render for one image / video part, for the model to see it.
-VISION_PLACEHOLDERS = {
-    "image": "<|vision_start|><|image_pad|><|vision_end|>",
-    "video": "<|vision_start|><|video_pad|><|vision_end|>",
-}
-
 log = logging.getLogger(__name__)
-
-# The Qwen2.5-VL chat template (chat_template.json of the hub checkpoints), used when a model folder
-# carries no template, and for images and videos when the folder's template cannot render them.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 # --------------------------------------------------------------------------------------------
 # preprocessor_config.json
 
 
 @dataclass
-class PreprocessorConfig:
-    """The image settings of a model folder (hub values by default)."""
+class PreprocessorConfig(PatchLayout):
+    """The image settings of a model folder (hub values by default): how pixels become patch rows
+    (``PatchLayout``: mean, std, rescale_factor, patch_size, merge_size, temporal_patch_size), the
+    images' pixel bounds and the resize filter."""
 
     min_pixels: int = MIN_PIXELS
     max_pixels: int = MAX_PIXELS
-    patch_size: int = PATCH_SIZE
-    temporal_patch_size: int = TEMPORAL_PATCH_SIZE
-    merge_size: int = MERGE_SIZE
-    image_mean: tuple = CLIP_MEAN
-    image_std: tuple = CLIP_STD
-    rescale_factor: float = RESCALE_FACTOR
     resample: int = 3  # PIL bicubic
 
     @classmethod
@@ -100,158 +80,27 @@ class PreprocessorConfig:
             patch_size=int(config.get("patch_size", PATCH_SIZE)),
             temporal_patch_size=int(config.get("temporal_patch_size", TEMPORAL_PATCH_SIZE)),
             merge_size=int(config.get("merge_size", MERGE_SIZE)),
-            image_mean=tuple(config.get("image_mean", CLIP_MEAN)),
-            image_std=tuple(config.get("image_std", CLIP_STD)),
+            mean=tuple(config.get("image_mean", CLIP_MEAN)),
+            std=tuple(config.get("image_std", CLIP_STD)),
             rescale_factor=float(config.get("rescale_factor", RESCALE_FACTOR)),
             resample=int(config.get("resample", 3)),
         )
-
-    @classmethod
-    def from_folder(cls, path) -> "PreprocessorConfig":
-        file = Path(path) / "preprocessor_config.json"
-        if not file.is_file():
-            return cls()
-        return cls.from_dict(_read_json(file))
 
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
+    @property
+    def image_mean(self) -> tuple:  # preprocessor_config.json's name
+        return self.mean
 
-def _read_json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{file}: cannot read JSON ({exc})") from exc
+    @property
+    def image_std(self) -> tuple:
+        return self.std
 
-
-# --------------------------------------------------------------------------------------------
-# Chat template
-
-
-def find_chat_template(path, tokenizer=None) -> str:
-    """The template of a model folder: chat_template.jinja, chat_template.json, tokenizer_config.json, else the built-in one."""
-    return locate_chat_template(path, tokenizer)[0]
-
-
-def locate_chat_template(path, tokenizer=None) -> tuple[str, str | None]:
-    """``(template, source)``: the folder's template as ``find_chat_template`` picks it, and the file it
-    came from (the folder for the tokenizer's own template, None for the built-in one).
-
-    Raises ModelLoadError if a template file cannot be read.
-    """
-    path = Path(path)
-    if (file := path / "chat_template.jinja").is_file():
-        return _read_text(file), str(file)
-    for name in ("chat_template.json", "tokenizer_config.json"):
-        if (file := path / name).is_file():
-            template = _named_template(_read_json(file).get("chat_template"))
-            if template:
-                return template, str(file)
-    template = _named_template(getattr(tokenizer, "chat_template", None))
-    if template:
-        return template, str(path)
-    return DEFAULT_CHAT_TEMPLATE, None
-
-
-def _read_text(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8")
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{file}: cannot read the chat template ({exc})") from exc
-
-
-def _named_template(template):
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
-        return named.get("default")
-    return template if isinstance(template, str) else None
-
-
-def compile_template(template: str, source: str | None = None):
-    """A jinja2 template set up as transformers does (sandboxed, trim/lstrip blocks, loopcontrols, tojson).
-
-    Raises ModelLoadError, naming ``source`` (the template's file), if the template has a syntax error.
-    """
-    import jinja2  # noqa: PLC0415  (a dependency of mlx-lm)
-    from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template)
-    except jinja2.exceptions.TemplateSyntaxError as exc:
-        problem = f"syntax error at line {exc.lineno}: {_one_line(exc.message or exc)}"
-        raise ModelLoadError(_template_error(source, problem)) from exc
-
-
-def render_template(template, source: str | None, messages, **context) -> str:
-    """``template`` rendered for ``messages``.
-
-    Raises InputError naming ``source`` for any failure of the template (a TypeError of a template that
-    expects string content, an undefined attribute, its own raise_exception, ...).
-    """
-    import jinja2  # noqa: PLC0415
-
-    try:
-        return template.render(messages=messages, **context)
-    except Exception as exc:  # noqa: BLE001  (a template can fail with any Python error)
-        reason = _one_line(exc)
-        if not isinstance(exc, jinja2.exceptions.TemplateError):
-            reason = f"{type(exc).__name__}: {reason}"
-        raise InputError(_template_error(source, f"error: {reason}")) from exc
-
-
-def _template_error(source: str | None, problem: str) -> str:
-    """'<file>: chat template <problem>', or 'chat template: <problem>' for a template given as a string."""
-    return f"{source}: chat template {problem}" if source else f"chat template: {problem}"
-
-
-def _one_line(message) -> str:
-    # Errors are shown as one line (the CLI prints the first line only): fold jinja2's multi-line ones.
-    return " ".join(str(message).split())
-
-
-def probe_template(template) -> tuple[frozenset, bool]:
-    """``(kinds, join_text)``: the vision kinds ('image', 'video') a template renders as their Qwen2.5-VL
-    placeholders, and whether text-only content is better passed to it as one string.
-
-    Strings are passed where they render the same as the list of text parts, and to a template that
-    renders no vision at all (a text-model template expects strings). A template that fails even for a
-    plain string is left as it is, so that its error shows on the real prompt, naming its file.
-    """
-    plain = _try_render(template, [{"role": "user", "content": "probe"}])
-    if plain is None:
-        return frozenset(VISION_PLACEHOLDERS), False
-    kinds = frozenset(
-        kind for kind, placeholder in VISION_PLACEHOLDERS.items()
-        if (_try_render(template, _probe_messages(kind)) or "").count(placeholder) == 1
-    )
-    listed = _try_render(template, [{"role": "user", "content": [_text_part("pro"), _text_part("be")]}])
-    return kinds, listed == plain or not kinds
-
-
-def _probe_messages(kind: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": kind, kind: "probe"}, _text_part("probe")]}]
-
-
-def _text_part(text: str) -> dict:
-    return {"type": "text", "text": text}
-
-
-def _try_render(template, messages) -> str | None:
-    try:
-        return template.render(messages=messages, add_generation_prompt=True, add_vision_id=False)
-    except Exception:  # noqa: BLE001  (a probe: any failure means "cannot render this")
-        return None
+    def pixel_options(self) -> dict:
+        """The ``PatchLayout`` part: the keyword options of ``process_images``/``process_videos``."""
+        return {f.name: getattr(self, f.name) for f in fields(PatchLayout)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +201,7 @@ class Processor:
     """``processor(messages_or_text, images=None, videos=None, ...)`` gives the model's inputs as numpy arrays."""
 
     def __init__(self, tokenizer, chat_template: str | None = None, config: PreprocessorConfig | None = None,
-                 sampling_defaults=None, template_source: str | None = None):
+                 sampling_defaults: SamplingDefaults | None = None, template_source: str | None = None):
         """``template_source``: the file ``chat_template`` came from, named in its errors and notices.
 
         Raises ModelLoadError if the chat template has a syntax error.
@@ -369,19 +218,34 @@ class Processor:
             self._builtin = compile_template(DEFAULT_CHAT_TEMPLATE)
             self._vision_kinds, self._join_text = probe_template(self._template)
         self._fallback_noted = False
-        self.sampling_defaults = sampling_defaults if sampling_defaults is not None else _default_sampling()
+        self.sampling_defaults = sampling_defaults if sampling_defaults is not None else SamplingDefaults()
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
 
     @classmethod
-    def from_pretrained(cls, path) -> "Processor":
+    def from_pretrained(cls, path, *, preprocessor_config: dict | None = None,
+                        generation_config: dict | None = None) -> "Processor":
+        """The processor of a model folder: its tokenizer, chat template, image settings
+        (preprocessor_config.json) and sampling defaults (generation_config.json).
+
+        ``preprocessor_config``/``generation_config`` are those files' contents when the caller
+        has read them; when None, the file is read here (an absent one gives the hub's image
+        settings, greedy sampling).
+
+        Raises ModelLoadError: no such folder, no readable tokenizer, an unreadable JSON file or
+        chat template, or pixel bounds that preprocessor_config.json gets wrong.
+        """
         path = Path(path)
         if not path.is_dir():
             raise ModelLoadError(f"{path}: model folder not found")
         tokenizer = load_tokenizer(path)
         template, source = locate_chat_template(path, tokenizer)
-        return cls(tokenizer, template, PreprocessorConfig.from_folder(path), _default_sampling(path),
-                   template_source=source)
+        if preprocessor_config is None:
+            preprocessor_config = read_folder_json(path, "preprocessor_config.json") or {}
+        if generation_config is None:
+            generation_config = read_folder_json(path, "generation_config.json")
+        return cls(tokenizer, template, PreprocessorConfig.from_dict(preprocessor_config),
+                   SamplingDefaults.from_dict(generation_config), template_source=source)
 
     # ---- sizes
 
@@ -447,6 +311,39 @@ class Processor:
     def __call__(self, messages_or_text, images=None, videos=None, *, min_pixels=None, max_pixels=None,
                  add_generation_prompt: bool = True, add_vision_id: bool = False, video_fps=None,
                  video_max_frames=None) -> dict:
+        """The model's inputs for a prompt, as transformers' ``Qwen2_5_VLProcessor`` with qwen-vl-utils'
+        ``process_vision_info`` give them (video frames resized with Pillow, not torchvision: see
+        video_processing).
+
+        ``messages_or_text``: a question (one user message: the images, the videos, then the text), or
+        messages in the reference format, ``[{"role": ..., "content": str | [part, ...]}]`` with parts
+        ``{"type": "image" | "image_url" | "video" | "text", ...}``. A part without a source takes the
+        next item of ``images``/``videos``, in order. Items: image sources (path, URL, data URI,
+        base64, bytes, PIL image, numpy array) or video sources (file, URL, folder of frames, list of
+        images, (T, H, W, C) array), or dicts ``{"image": source, "min_pixels": ...}`` /
+        ``{"video": source, "fps": ...}`` with per-item options.
+
+        ``min_pixels``/``max_pixels``: the area bounds in pixels of each image (and each frame of a
+        video given as a list of images) in this call, over preprocessor_config.json's, under an
+        item's own; each is resized by ``smart_resize`` to sides that are multiples of 28 px
+        (patch_size * merge_size) within them, or from an explicit ``resized_height``/``resized_width``.
+        ``video_fps``: frames sampled per second of a video file or folder (qwen-vl-utils' default 2;
+        for a list of images, its frame rate); ``video_max_frames``: the most frames sampled; a
+        part's own ``fps``/``max_frames`` win, and its ``nframes`` replaces both.
+        ``add_vision_id`` prefixes each item with "Picture n: " / "Video n: ".
+
+        Returns a dict of numpy arrays (the vision entries None when the prompt has none):
+        ``input_ids`` int32 (1, L), each placeholder expanded to t*h*w / merge_size**2 tokens;
+        ``pixel_values`` float32 (N, 3 * temporal_patch_size * patch_size**2), i.e. (N, 1176): the
+        normalized patch rows of every image in order; ``image_grid_thw`` int64 (images, 3): each
+        image's (t, h, w) in patches, t = 1; ``pixel_values_videos`` and ``video_grid_thw`` likewise
+        for videos; ``second_per_grid_ts``: a list of floats, each video's seconds per temporal grid
+        step (temporal_patch_size / the fps its frames were sampled at).
+
+        Raises InputError (one line naming the item): malformed messages; more or fewer
+        images/videos than parts to place them in; an unreadable or unusable image or video (empty,
+        too few frames, aspect ratio above 200); pixel bounds out of range; the chat template fails.
+        """
         if isinstance(messages_or_text, str):
             messages = _text_messages(messages_or_text, images, videos)
             images = videos = None
@@ -487,12 +384,8 @@ class Processor:
             sizes.append(target_size(image, low, high, self.config.factor,
                                      spec.get("resized_height"), spec.get("resized_width")))
             images.append(image)
-        c = self.config
-        pixel_values, grid = process_images(
-            images, sizes=sizes, mean=c.image_mean, std=c.image_std, rescale_factor=c.rescale_factor,
-            patch_size=c.patch_size,
-            merge_size=c.merge_size, temporal_patch_size=c.temporal_patch_size, resample=c.resample,
-        )
+        pixel_values, grid = process_images(images, sizes=sizes, resample=self.config.resample,
+                                            **self.config.pixel_options())
         return {"pixel_values": pixel_values, "image_grid_thw": grid}
 
     def _videos(self, specs: list[dict], bounds, video_fps, video_max_frames) -> dict:
@@ -509,11 +402,7 @@ class Processor:
             )
             videos.append(frames)
             seconds.append(float(self.config.temporal_patch_size / sample_fps))
-        c = self.config
-        pixel_values, grid = process_videos(
-            videos, mean=c.image_mean, std=c.image_std, rescale_factor=c.rescale_factor, patch_size=c.patch_size,
-            merge_size=c.merge_size, temporal_patch_size=c.temporal_patch_size,
-        )
+        pixel_values, grid = process_videos(videos, **self.config.pixel_options())
         return {"pixel_values_videos": pixel_values, "video_grid_thw": grid, "second_per_grid_ts": seconds}
 
 
@@ -551,14 +440,6 @@ def load_tokenizer(path: Path):
         raise ModelLoadError(f"{path}: cannot load the tokenizer ({exc})") from exc
     finally:
         transformers_log.setLevel(level)
-
-
-def _default_sampling(path=None):
-    try:
-        from .generate import SamplingDefaults  # noqa: PLC0415
-    except ImportError:
-        return None
-    return SamplingDefaults.from_folder(path) if path is not None else SamplingDefaults()
 
 
 __all__ = [

@@ -43,7 +43,6 @@ def get_rope_index(
         video_token_id: iter(np.asarray(video_grid_thw).reshape(-1, 3) if video_grid_thw is not None else ()),
     }
     video_seconds = iter(second_per_grid_ts if second_per_grid_ts is not None else ())
-    unit = spatial_merge_size**2
 
     pieces, position, i = [], start, 0
     while i < len(ids):

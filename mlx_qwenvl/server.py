@@ -443,8 +443,8 @@ def server_command(model_path, revision, dtype, verbose, allowed_origins, prompt
     running = start_server(model, processor, settings)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         click.echo("note: listening beyond this machine without --api-key", err=True)
-    click.echo(f"mlx-qwenvl server: {settings.served_model_name} at {running.url}/v1 "
-               f"(Ctrl-C stops)", err=True)
+    click.echo(f"mlx-qwenvl server: {settings.served_model_name} at {running.url}/v1, chat page at "
+               f"{running.url}/ (Ctrl-C stops)", err=True)
     try:
         while running.thread.is_alive():
             running.thread.join(1.0)

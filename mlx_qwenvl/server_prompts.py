@@ -196,10 +196,7 @@ class PromptBuilder:
         """An image's pixel rows (numpy; any thread)."""
         image, size = item.source
         c = self.processor.config
-        rows, grid = process_images([image], sizes=[size], mean=c.image_mean, std=c.image_std,
-                                    rescale_factor=c.rescale_factor, patch_size=c.patch_size,
-                                    merge_size=c.merge_size, temporal_patch_size=c.temporal_patch_size,
-                                    resample=c.resample)
+        rows, grid = process_images([image], sizes=[size], resample=c.resample, **c.pixel_options())
         assert tuple(int(v) for v in grid[0]) == item.grid, (grid, item.grid)
         return rows
 

@@ -25,21 +25,15 @@ from PIL import Image
 
 from .errors import InputError
 from .image_processing import (
-    CLIP_MEAN,
-    CLIP_STD,
     IMAGE_FACTOR,
     MAX_PIXELS,
-    MERGE_SIZE,
     MIN_PIXELS,
-    PATCH_SIZE,
-    RESCALE_FACTOR,
-    TEMPORAL_PATCH_SIZE,
+    PatchLayout,
     describe_source,
+    explicit_size,
     fetch_url,
     file_url_to_path,
     load_image,
-    normalize_table,
-    pixels_to_rows,
     resize_image,
     smart_resize,
     target_size,
@@ -135,13 +129,12 @@ def video_frame_size(
     resized_width: int | None = None,
     factor: int = IMAGE_FACTOR,
 ) -> tuple[int, int]:
-    """(height, width) each sampled frame of a video file or folder is resized to."""
-    if (resized_height is None) != (resized_width is None):
-        raise InputError("resized_height and resized_width must be given together")
-    if resized_height is not None:
-        return smart_resize(int(resized_height), int(resized_width), factor, MIN_PIXELS, MAX_PIXELS)
-    cap = frame_max_pixels(nframes, min_pixels, max_pixels, total_pixels)
-    return smart_resize(height, width, factor, min_pixels, cap)
+    """(height, width) each sampled frame of a video file or folder is resized to: ``explicit_size``,
+    else ``smart_resize`` within the frame's share of the pixel budget (``frame_max_pixels``)."""
+    size = explicit_size(resized_height, resized_width, factor)
+    if size is not None:
+        return size
+    return smart_resize(height, width, factor, min_pixels, frame_max_pixels(nframes, min_pixels, max_pixels, total_pixels))
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,28 +436,11 @@ def probe_video(source) -> tuple[int, float]:
 # Frames to patch rows
 
 
-def process_videos(
-    videos,
-    *,
-    mean=CLIP_MEAN,
-    std=CLIP_STD,
-    rescale_factor: float = RESCALE_FACTOR,
-    patch_size: int = PATCH_SIZE,
-    merge_size: int = MERGE_SIZE,
-    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Resized uint8 videos (T, H, W, 3) to ``(pixel_values_videos (N, 1176), video_grid_thw (n, 3))``.
+def process_videos(videos, **layout) -> tuple[np.ndarray, np.ndarray]:
+    """Resized uint8 videos (T, H, W, 3) to ``(pixel_values_videos float32 (N, 1176), video_grid_thw
+    int64 (n, 3))``; ``layout``: ``PatchLayout``'s fields, as ``process_images`` takes them.
 
     Rows run time slice, then merge blocks; each row holds frames 2k and 2k+1 as (C, 2, 14, 14).
     An odd frame count is padded with the last frame.
     """
-    table = normalize_table(mean, std, rescale_factor)
-    all_rows, grids = [], []
-    for frames in videos:
-        rows, grid = pixels_to_rows(frames, table, patch_size, merge_size, temporal_patch_size)
-        all_rows.append(rows)
-        grids.append(list(grid))
-    if not all_rows:
-        return np.zeros((0, 3 * temporal_patch_size * patch_size**2), np.float32), np.zeros((0, 3), np.int64)
-    pixel_values = all_rows[0] if len(all_rows) == 1 else np.concatenate(all_rows, axis=0)
-    return pixel_values, np.asarray(grids, dtype=np.int64)
+    return PatchLayout(**layout).rows(videos)

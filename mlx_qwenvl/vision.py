@@ -12,9 +12,9 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.activations import swiglu
 
 from .config import VisionArgs
+from .language import MLP, rotate_half
 
 # Attention score elements held at once per call before queries are processed in chunks:
 # a 12-megapixel photo has ~62k patches, whose full-attention scores would need ~250 GB.
@@ -178,11 +178,6 @@ def plan_vision(grid_thw, args: VisionArgs) -> VisionPlan:
     )
 
 
-def rotate_half(x: mx.array) -> mx.array:
-    half = x.shape[-1] // 2
-    return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
 def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     # The reference rotates in float32 whatever the activation dtype.
     x32 = x.astype(mx.float32)
@@ -220,17 +215,12 @@ class VisionAttention(nn.Module):
         return self.proj(layout.attend(q, k, qkv[:, 2], self.scale))
 
 
-class VisionMLP(nn.Module):
+class VisionMLP(MLP):
     def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=True)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=True)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=True)
+        super().__init__(dim, hidden_dim, bias=True)
 
     def __call__(self, x: mx.array) -> mx.array:
-        with_float32 = _float32_for_float16(x)
-        out = self.down_proj(swiglu(self.gate_proj(with_float32), self.up_proj(with_float32)))
-        return _back_to(out, x.dtype)
+        return _back_to(super().__call__(_float32_for_float16(x)), x.dtype)
 
 
 def _float32_for_float16(x: mx.array) -> mx.array:

@@ -29,6 +29,8 @@ from reference import make_reference, rel_error, save_reference
 from test_convert import TOKENIZER, logits, read_json, small_config, tensors
 
 convert_module = importlib.import_module("mlx_qwenvl.convert")  # the package exports a function of that name
+convert_plan = importlib.import_module("mlx_qwenvl.convert_plan")
+safetensors_io = importlib.import_module("mlx_qwenvl.safetensors_io")
 REPO = Path(__file__).resolve().parents[1]
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order_map: nibble i holds column AWQ_ORDER[i]
@@ -194,8 +196,8 @@ def test_awq_conversion_streams_in_blocks(hub, tmp_path, monkeypatch):
     folder = tmp_path / "awq"
     make_quantized(hub, folder, AWQ_CONFIG, awq_layer)
     whole = tensors(convert(folder, tmp_path / "whole"))
-    monkeypatch.setattr(convert_module, "CHUNK_BYTES", 4096)
-    monkeypatch.setattr(convert_module, "MAX_SHARD_BYTES", 1_200_000)
+    monkeypatch.setattr(safetensors_io, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(convert_plan, "MAX_SHARD_BYTES", 1_200_000)
     out = convert(folder, tmp_path / "blocks")
     assert len(list(out.glob("*.safetensors"))) > 1
     blocks = tensors(out)
@@ -255,7 +257,7 @@ def test_unmappable_formats_refused_before_any_work(hub, tmp_path, name, monkeyp
     config = dict(read_json(hub / "config.json"), hidden_size=3584, quantization_config=quantization_config)
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "model.safetensors").write_bytes(b"not read")
-    monkeypatch.setattr(convert_module, "read_safetensors_header",
+    monkeypatch.setattr(safetensors_io, "read_safetensors_header",
                         lambda *a: pytest.fail("a weight file was read"))
     with pytest.raises(ConversionError) as caught:
         convert(folder, tmp_path / "out")

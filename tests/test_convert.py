@@ -26,6 +26,8 @@ from mlx_qwenvl.loading import load_model
 from reference import make_reference, rel_error, save_reference, tiny_config
 
 convert_module = importlib.import_module("mlx_qwenvl.convert")  # the module, whatever the package exports
+convert_plan = importlib.import_module("mlx_qwenvl.convert_plan")
+safetensors_io = importlib.import_module("mlx_qwenvl.safetensors_io")
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = Path(__file__).parent / "assets" / "qwen2_tokenizer"
 V = 1024  # a small vocabulary (the special ids moved below it) keeps every conversion light
@@ -250,8 +252,8 @@ def test_mlx_folder_as_source_and_sharding(source, q4, tmp_path, monkeypatch):
     """A 16-bit MLX folder converts like the hub checkpoint; shards, blocks and order do not
     change a single byte of any tensor."""
     plain = convert(source, tmp_path / "plain")
-    monkeypatch.setattr(convert_module, "MAX_SHARD_BYTES", 1_200_000)
-    monkeypatch.setattr(convert_module, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(convert_plan, "MAX_SHARD_BYTES", 1_200_000)
+    monkeypatch.setattr(safetensors_io, "CHUNK_BYTES", 4096)
     again = convert(plain, tmp_path / "again", quantize=True)
     shards = sorted(again.glob("*.safetensors"))
     assert len(shards) > 2 and all(p.stat().st_size <= 1_200_000 for p in shards)

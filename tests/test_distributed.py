@@ -496,7 +496,7 @@ def test_shared_values_arrive_whole():
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32, mx.uint32])
 def test_read_block_reads_exactly_the_rank_slices(dtype, tmp_path, monkeypatch):
-    from mlx_qwenvl.convert import read_safetensors_header
+    from mlx_qwenvl.safetensors_io import read_safetensors_header
 
     full = (mx.arange(6 * 8 * 4).reshape(6, 8, 4) % 251).astype(dtype)
     vector = mx.arange(10).astype(dtype)
@@ -506,7 +506,9 @@ def test_read_block_reads_exactly_the_rank_slices(dtype, tmp_path, monkeypatch):
     header = read_safetensors_header(file)
     sources = {k: distributed.Source(file, start + e["data_offsets"][0], tuple(e["shape"]), e["dtype"])
                for k, e in header.items()}
-    monkeypatch.setattr(distributed, "READ_CHUNK", 64)  # several chunks of whole rows
+    from mlx_qwenvl import distributed_read
+
+    monkeypatch.setattr(distributed_read, "READ_CHUNK", 64)  # several chunks of whole rows
     assert mx.array_equal(distributed.read_block(sources["t"]), full)
     for axis in range(3):
         for index, part in enumerate(mx.split(full, 2, axis=axis)):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.convert import mixed_quant_predicate_builder
@@ -26,6 +25,8 @@ from reference import make_reference, real_width_config, rel_error, save_referen
 from test_convert import TOKENIZER, assert_same_arrays, logits, read_json, small_config, tensors
 
 convert_module = importlib.import_module("mlx_qwenvl.convert")  # the package exports a function of that name
+convert_plan = importlib.import_module("mlx_qwenvl.convert_plan")
+safetensors_io = importlib.import_module("mlx_qwenvl.safetensors_io")
 REPO = Path(__file__).resolve().parents[1]
 MODES = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}  # MLX's defaults
 # mlx-vlm's recipes; the first four are also mlx-lm's (mlx_lm.convert.QUANT_RECIPES).
@@ -87,7 +88,7 @@ def test_mode_logits_equal_dequantized(source, tmp_path, mode, monkeypatch):
     group_size, bits = MODES[mode]
     # Blocks of a few rows (the floating-point modes' are smaller still): the result must not
     # depend on them.
-    monkeypatch.setattr(convert_module, "CHUNK_BYTES", 1 << 16)
+    monkeypatch.setattr(safetensors_io, "CHUNK_BYTES", 1 << 16)
     out = convert(source, tmp_path / mode, quantize=True, q_mode=mode)
     config = read_json(out / "config.json")
     expected_entry = {"group_size": group_size, "bits": bits, **({} if mode == "affine" else {"mode": mode})}
@@ -140,7 +141,7 @@ def test_unsupported_mode_settings_are_one_line(source, tmp_path, mode, group_si
 
 def test_unknown_mode_and_recipe_misuse_are_one_line(source, tmp_path):
     cases = [
-        (dict(quantize=True, q_mode="int4"), "q_mode must be one of affine, mxfp4, nvfp4, mxfp8"),
+        (dict(quantize=True, q_mode="int4"), r"q_mode \(--q-mode\) must be one of affine, mxfp4, nvfp4, mxfp8"),
         (dict(quantize=True, quant_predicate="mixed_9_9"), "mixed_2_6"),
         (dict(quantize=True, quant_predicate="mixed_3_6", q_mode="mxfp4"), "affine"),
         (dict(quantize=True, quant_predicate="mixed_3_6", q_bits=4), "q_bits"),
@@ -204,7 +205,7 @@ def mlx_lm_rule(config: dict, recipe: str) -> dict:
 def our_choices(config: dict, recipe: str) -> dict:
     """Weight path -> bits of the language model as our convert plans them (a skeleton: no memory)."""
     model = Model(ModelArgs.from_dict(json.loads(json.dumps(config))))
-    settings = convert_module.quantization_choices(model, 64, None, "affine", False, recipe)
+    settings = convert_plan.quantization_choices(model, 64, None, "affine", False, recipe)
     assert all(s["group_size"] == 64 and s.get("mode", "affine") == "affine" for s in settings.values())
     assert not any(path.startswith("vision_tower.") for path in settings)
     return {path: s["bits"] for path, s in settings.items()}
