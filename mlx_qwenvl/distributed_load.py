@@ -3,7 +3,6 @@ tensor or pipeline, the vision tower on rank 0), then filled with this rank's sh
 (:func:`load_model_sharded`)."""
 
 import math
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,7 +24,7 @@ def split_model(model, group, parallel: str) -> None:
 
     Raises ModelLoadError (one line) when the model cannot be split that way."""
     if parallel not in PARALLEL_MODES:
-        raise ModelLoadError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, not {parallel!r}")
+        raise ModelLoadError(f"parallel (--parallel) must be one of {', '.join(PARALLEL_MODES)}, not {parallel!r}")
     try:
         if parallel == "tensor":
             model.language_model.shard(group)
@@ -52,12 +51,9 @@ def load_model_sharded(path, group, parallel: str = "tensor", dtype="auto", conf
     Raises:
         ModelLoadError: as load_model, and for a model that cannot be split over this group.
     """
-    from .loading import StoredTensor, choose_dtype, model_args, model_skeleton, read_config
+    from .loading import StoredTensor, choose_dtype, folder_args, model_skeleton
 
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"model folder {path} does not exist")
-    args = model_args(config if config is not None else read_config(path), str(path))
+    path, args = folder_args(path, config)
     sources = stored_sources(path, args)
     model = model_skeleton(args, {name: source.shape for name, source in sources.items()})
     split_model(model, group, parallel)

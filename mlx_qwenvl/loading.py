@@ -167,6 +167,15 @@ def model_args(config: dict, where: str = "the model") -> ModelArgs:
     return args
 
 
+def folder_args(path, config: Optional[dict] = None) -> tuple:
+    """``(Path, ModelArgs)`` of a model folder, its config.json read here unless given.
+    Raises ModelLoadError for a missing folder, then as read_config and model_args."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder {path} does not exist")
+    return path, model_args(config if config is not None else read_config(path), str(path))
+
+
 def mlx_module_path(path: str) -> str:
     """A module path in any naming the loader accepts for weights (hub checkpoint, transformers
     5, MLX) as the MLX model's: ``model.layers.0.mlp`` -> ``language_model.model.layers.0.mlp``."""
@@ -424,10 +433,7 @@ def load_model(path, dtype: Optional[mx.Dtype] = "auto", *, lazy: bool = False, 
         from .distributed import load_model_sharded
 
         return load_model_sharded(path, group, parallel, dtype, config)
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"model folder {path} does not exist")
-    args = model_args(config if config is not None else read_config(path), str(path))
+    path, args = folder_args(path, config)
     tensors = stored_tensors(path, args)
     model = model_skeleton(args, {name: tensor.shape for name, tensor in tensors.items()})
     dtype, dequantize = choose_dtype(dtype, model, tensors, str(path))

@@ -531,7 +531,7 @@ class FakeGroup:
 @pytest.mark.parametrize("parallel, message", [
     ("tensor", r"tensor parallelism over 3 ranks needs the attention heads \(4\) to divide by 3"),
     ("pipeline", r"pipeline parallelism needs at least one layer per rank: 2 layers, 3 ranks"),
-    ("sideways", r"parallel must be one of tensor, pipeline"),
+    ("sideways", r"parallel \(--parallel\) must be one of tensor, pipeline"),
 ])
 def test_a_model_that_cannot_be_split_says_why(parallel, message, tiny_model_dir):
     from reference import tiny_config
