@@ -11,6 +11,13 @@ import mlx_qwenvl  # noqa: E402,F401  (binds the BLAS before any test imports ml
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "qwen2_tokenizer"
 
 
+def pytest_configure(config):
+    # `python -m pytest` runs everything (CI does); `-m "not slow"` is the quick loop.
+    config.addinivalue_line(
+        "markers", "slow: among the tests that take most of the suite's time (deselect with -m 'not slow')"
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_reference(tmp_path_factory):
     """A random tiny transformers Qwen2.5-VL (float32) and its folder in the hub layout."""

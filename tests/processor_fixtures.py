@@ -52,6 +52,17 @@ def random_image(height: int, width: int, seed: int = 0, mode: str = "RGB") -> I
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
 
 
+def conversation_inputs(processor, ids, images=()) -> dict:
+    """A conversation's token ids with every image it holds, in order, as one prompt for an
+    empty cache (what a cold run is given)."""
+    inputs = {"input_ids": np.array([list(ids)], dtype=np.int64)}
+    encoded = [processor.encode("<|vision_start|><|image_pad|><|vision_end|>", images=[image]) for image in images]
+    if encoded:
+        inputs["pixel_values"] = np.concatenate([one["pixel_values"] for one in encoded])
+        inputs["image_grid_thw"] = np.concatenate([one["image_grid_thw"] for one in encoded])
+    return inputs
+
+
 # --------------------------------------------------------------------------------------------
 # The transformers reference
 

@@ -150,3 +150,55 @@ def reference_generate(ref, inputs, max_new_tokens) -> list:
         out = ref.generate(**reference_inputs(inputs), max_new_tokens=max_new_tokens, do_sample=False,
                            eos_token_id=STOP, pad_token_id=151643)
     return out[0, inputs["input_ids"].shape[1]:].cpu().tolist()
+
+
+VIDEO_TOKEN = 151656
+
+
+def reference_logits(ref, ids, positions, inputs=None, seconds=None, dtype=torch.float32, allowed=None):
+    """The reference's float32 logits (1, L, vocab) for ``ids`` (1, L) at M-RoPE ``positions`` (3, L).
+
+    ``inputs`` holds pixel values and grids under our processor's keys (pixels are cast to
+    ``dtype``); ``seconds`` is second_per_grid_ts. ``allowed`` (L, L) booleans, query by key,
+    replace the causal mask: the keys each query attends to.
+    """
+    ids = np.asarray(ids)
+    types = np.where(ids == IMAGE_TOKEN, 1, np.where(ids == VIDEO_TOKEN, 2, 0))
+    kwargs = {k: to_torch(v, dtype if k.startswith("pixel") else None) for k, v in (inputs or {}).items()
+              if v is not None and k != "input_ids"}
+    if seconds is not None:
+        kwargs["second_per_grid_ts"] = to_torch(np.array(seconds, np.float32))
+    if allowed is not None:
+        mask = np.where(np.asarray(allowed, bool), 0.0, -np.inf).astype(np.float32)[None, None]
+        kwargs["attention_mask"] = {"full_attention": to_torch(mask, dtype)}
+    with torch.no_grad():
+        out = ref(input_ids=to_torch(ids.astype(np.int64)), mm_token_type_ids=to_torch(types),
+                  position_ids=to_torch(np.asarray(positions))[:, None], **kwargs)
+    return out.logits.float().cpu().numpy()
+
+
+ANSWER_START = 198  # "\n": the last token of every prompt the chat template ends with "assistant\n"
+
+
+def script_answer(model, script, after: int = ANSWER_START):
+    """Make a reference model answer ``script`` (token ids) greedily to any prompt ending in ``after``.
+
+    Every decoder layer's attention and MLP outputs are zeroed, so the final hidden state is the
+    last token's embedding: token i of the chain ``[after, *script]`` embeds as the unit vector
+    of axis i and the head row of token i + 1 reads that axis (logit 16 against ~2 for any other
+    token). The chain's tokens must be distinct and fewer than the hidden size.
+    """
+    chain = [after, *script]
+    lm = model.model.language_model
+    assert len(set(chain)) == len(chain) <= lm.config.hidden_size, "the chain needs distinct tokens"
+    with torch.no_grad():
+        for layer in lm.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        lm.norm.weight.fill_(1.0)
+        for axis, (token, following) in enumerate(zip(chain, chain[1:])):
+            lm.embed_tokens.weight[token] = 0.0
+            lm.embed_tokens.weight[token, axis] = 1.0
+            model.lm_head.weight[following] = 0.0
+            model.lm_head.weight[following, axis] = 2.0
+    return model

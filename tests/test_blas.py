@@ -71,21 +71,33 @@ def test_openblas_is_installed():
     assert paths, "no OpenBLAS found: apt-get install -y libopenblas0-pthread"
 
 
-def test_bound_matmul_is_10x_faster_and_as_exact():
-    bound = _run(_BENCH, 512, 1024, 1024, 5)
-    unbound = _run(_BENCH, 512, 1024, 1024, 2, no_blas=True)  # ~0.2 s a product
-    ratio = bound["gflops"] / unbound["gflops"]
+# On a shared 2-core machine OpenBLAS ran this product at 57-111 GFLOP/s (one thread: 67-100)
+# and the reference BLAS that MLX falls back to at 3-6: 10-19x. A binding that works clears 4x
+# on the best of a few rounds however loaded the machine; a missing one gives ~1x.
+MIN_SPEEDUP, ROUNDS = 4, 3
+
+
+def test_bound_matmul_is_much_faster_and_as_exact():
+    best = {}
+    for _ in range(ROUNDS):  # fresh processes each round: the best moment of a loaded machine
+        for name, no_blas, reps in (("bound", False, 10), ("unbound", True, 2)):  # ~0.2 s a product unbound
+            got = _run(_BENCH, 512, 1024, 1024, reps, no_blas=no_blas)
+            assert got["warnings"] == [], got
+            # Both agree with float64 numpy to float32 rounding (sums of 1024 terms).
+            assert got["rel_err"] < 1e-4, got
+            if name not in best or got["gflops"] > best[name]["gflops"]:
+                best[name] = got
+        bound, unbound = best["bound"], best["unbound"]
+        ratio = bound["gflops"] / unbound["gflops"]
+        if ratio >= 2 * MIN_SPEEDUP:
+            break
     print(
-        f"\nfloat32 512x1024 @ 1024x1024: {bound['gflops']:.1f} GFLOP/s with "
-        f"{bound['info']}, {unbound['gflops']:.1f} GFLOP/s with {unbound['info']}: "
-        f"{ratio:.0f}x"
+        f"\nfloat32 512x1024 @ 1024x1024, best of each: {bound['gflops']:.1f} GFLOP/s with "
+        f"{bound['info']}, {unbound['gflops']:.1f} GFLOP/s with {unbound['info']}: {ratio:.0f}x"
     )
+    assert ratio >= MIN_SPEEDUP, (bound, unbound)
     assert bound["info"].startswith("OpenBLAS") and bound["mapped"], bound
     assert not unbound["mapped"], unbound
-    assert ratio >= 10, (bound, unbound)
-    # Both agree with float64 numpy to float32 rounding (sums of 1024 terms).
-    assert bound["rel_err"] < 1e-4 and unbound["rel_err"] < 1e-4, (bound, unbound)
-    assert bound["warnings"] == [] and unbound["warnings"] == []
 
 
 def test_mlx_imported_first_warns_once_and_does_not_bind():

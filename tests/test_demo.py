@@ -35,6 +35,10 @@ from train_demo import messages_for, write_folder_files  # noqa: E402
 
 HELD_OUT_SEED = 20261128  # training used 0 (questions) and 10000 (its own evaluation)
 README = (ROOT / "README.md").read_text()
+# Every test here takes 5 s or more: the 200 held-out questions on both models (~150 s), a fresh
+# venv with a pip install (~40 s), training twice (~35 s), CLI processes (~20 s), whole prompts
+# through both models (~12 s), a wheel build (~5 s).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -228,6 +228,7 @@ def single(folders):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, case", CASES)
 def test_logits_and_greedy_tokens_equal_one_process(mode, case, parity, single):
     ranks, _ = parity
@@ -239,6 +240,7 @@ def test_logits_and_greedy_tokens_equal_one_process(mode, case, parity, single):
         assert out[f"{mode}/{case}/tokens"].tolist() == tokens.tolist(), f"rank {rank}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_chat_second_turn_equals_one_process(mode, parity, single):
     ranks, _ = parity
@@ -248,6 +250,7 @@ def test_chat_second_turn_equals_one_process(mode, parity, single):
         assert out[f"{mode}/fp32/chat/second"].tolist() == second.tolist(), f"rank {rank}"
 
 
+@pytest.mark.slow
 def test_caches_hold_only_this_ranks_heads_or_layers(parity, tiny_model_dir):
     config = json.loads((tiny_model_dir / "config.json").read_text())
     layers, kv_heads = config["num_hidden_layers"], config["num_key_value_heads"]
@@ -258,6 +261,7 @@ def test_caches_hold_only_this_ranks_heads_or_layers(parity, tiny_model_dir):
         assert int(out["tensor/kv1/cache_heads"]) == 1  # the one key/value head, kept by both ranks
 
 
+@pytest.mark.slow
 def test_different_prompts_on_the_ranks_are_refused_on_every_rank(parity):
     for rank, out in parity[0].items():
         assert "rank 1 was given another prompt than rank 0" in str(out["mismatch"]), f"rank {rank}"
@@ -311,6 +315,7 @@ def memory_figures(wide_dir, tmp_path, name, processes) -> list:
     return [m for r in range(processes) for m in json.loads((tmp_path / f"{name}.rank{r}.json").read_text())]
 
 
+@pytest.mark.slow
 def test_peak_memory_per_rank_is_at_most_0_6_of_one_process(wide_dir, tmp_path, record_property):
     """MLX's peak (what mlx-lm reports) and the growth of the peak resident memory during the
     load (VmHWM less what Python and the libraries held before), each rank against one process."""
@@ -350,6 +355,7 @@ def command_line(*args) -> str:
     return shlex.join([COMMAND, *map(str, args)])
 
 
+@pytest.mark.slow
 def test_cli_generate_prints_one_answer_and_every_rank_exits_0(tiny_model_dir, photo, tmp_path):
     """The image is a relative path that only rank 0's working folder holds: rank 0 alone reads
     the media."""
@@ -368,6 +374,7 @@ def test_cli_generate_prints_one_answer_and_every_rank_exits_0(tiny_model_dir, p
     assert our_lines(err) == []
 
 
+@pytest.mark.slow
 def test_cli_chat_rank_0_reads_the_turns(tiny_model_dir, photo, tmp_path):
     from mlx_qwenvl.chat import ChatSession
     from mlx_qwenvl.cli import CHAT_HELP
@@ -403,6 +410,7 @@ def wait_for(predicate, timeout, what, runs=()):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_killing_a_rank_ends_the_other_within_30_s_with_one_line(tiny_model_dir, photo, tmp_path):
     answer = tmp_path / "answer.txt"
     script = (f'echo $$ > "{tmp_path}/pid.$MLX_RANK"; exec '
@@ -429,6 +437,7 @@ def test_killing_a_rank_ends_the_other_within_30_s_with_one_line(tiny_model_dir,
         os.kill(int((tmp_path / "pid.0").read_text()), 0)
 
 
+@pytest.mark.slow
 def test_a_failure_on_one_rank_ends_every_rank_naming_it(tiny_model_dir, tmp_path):
     # Rank 1 alone is told it has 1000 bytes of memory: float32 cannot fit there.
     script = ('if [ "$MLX_RANK" = 1 ]; then export MLX_QWENVL_AVAILABLE_MEMORY=1000; fi; '
@@ -446,6 +455,7 @@ def test_a_failure_on_one_rank_ends_every_rank_naming_it(tiny_model_dir, tmp_pat
     assert time.monotonic() - tic < 120
 
 
+@pytest.mark.slow
 def test_a_frozen_rank_is_ended_by_the_watchdog(tiny_model_dir, tmp_path):
     """Rank 1 stops (SIGSTOP) with its connections open, which no socket error reveals: rank
     0's watchdog ends it. Started without mlx.launch, which would wait for the stopped rank."""

@@ -3,13 +3,15 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+import torch
 
 from mlx_qwenvl.chat import ChatSession
 from mlx_qwenvl.errors import InputError
 from mlx_qwenvl.generate import generate, make_cache, stream_generate, stream_tokens
 from mlx_qwenvl.loading import load
-from processor_fixtures import random_image
-from reference import STOP, reference_generate
+from processor_fixtures import conversation_inputs, make_model_dir, random_image
+from reference import (STOP, make_reference, reference_generate, reference_inputs, reference_logits, rel_error,
+                       save_reference, script_answer, tiny_config, to_torch)
 
 
 @pytest.mark.parametrize("with_image", [False, True])
@@ -51,14 +53,7 @@ def test_multi_turn_prefills_only_new_tokens_and_matches_from_scratch(loaded):
     assert session.last_prefill_tokens < held
 
     # From scratch: the same token sequence and both images in one prompt, on an empty cache.
-    prompt_ids = np.array([session.tokens[: held + session.last_prefill_tokens]], dtype=np.int32)
-    pixels, grids = [], []
-    for image in (first, second):
-        one = processor.encode("<|vision_start|><|image_pad|><|vision_end|>", images=[image])
-        pixels.append(one["pixel_values"])
-        grids.append(one["image_grid_thw"])
-    inputs = {"input_ids": prompt_ids, "pixel_values": np.concatenate(pixels),
-              "image_grid_thw": np.concatenate(grids)}
+    inputs = conversation_inputs(processor, session.tokens[: held + session.last_prefill_tokens], [first, second])
     scratch = [r.token for r in stream_tokens(model, processor, inputs, make_cache(model),
                                               max_tokens=10, temperature=0.0)]
     assert scratch == turn2.tokens
@@ -111,10 +106,7 @@ def test_stop_strings_and_seeded_sampling(loaded):
     assert a.tokens == b.tokens
 
 
-def test_quantized_and_rotating_kv_caches(tmp_path):
-    from processor_fixtures import make_model_dir
-    from reference import make_reference, save_reference, tiny_config
-
+def test_quantized_kv_cache_keeps_the_first_greedy_token(tmp_path):
     # Head dim 32: the smallest that a quantized KV cache (group size 32) accepts.
     config = tiny_config(num_attention_heads=2, num_key_value_heads=1,
                          rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
@@ -126,9 +118,55 @@ def test_quantized_and_rotating_kv_caches(tmp_path):
                          temperature=0.0, kv_bits=8, kv_group_size=32)
     # 8-bit keys/values perturb the logits slightly; the first greedy choice survives.
     assert quantized.tokens[0] == base.tokens[0]
-    rotating = generate(model, processor, "What is this?", images=images, max_tokens=6,
-                        temperature=0.0, max_kv_size=4096)
-    assert rotating.tokens == base.tokens
+
+
+def centered(logits):
+    """Logits or log-probabilities less their mean over the vocabulary: equal for both."""
+    logits = np.asarray(logits, dtype=np.float64)
+    return logits - logits.mean(axis=-1, keepdims=True)
+
+
+def test_rotating_kv_cache_equals_the_reference_under_the_same_window(loaded, tiny_reference):
+    """max_kv_size keeps mlx-lm's RotatingKVCache(max_size=W, keep=4): keys are stored already
+    rotated at their absolute positions, and once W tokens are held each new token overwrites
+    the oldest after the first 4. A decoded token at position p >= W therefore attends to
+    positions 0-3 and the W - 4 most recent ones (itself included). The reference given the same
+    window is transformers on the whole sequence at its M-RoPE positions under exactly that
+    attention mask. The prompt fits the window (its prefill is plain causal attention); the
+    answer runs past it, so most steps decode on a rotated cache."""
+    model, processor = loaded
+    ref = tiny_reference[0]
+    prompt, images = "Write a long story about this picture.", [random_image(84, 84, 5)]
+    inputs = processor(prompt, images=images)
+    length = inputs["input_ids"].shape[1]
+    window, steps = length + 4, 28
+    responses = list(stream_generate(model, processor, prompt, images=images, max_tokens=steps,
+                                     temperature=0.0, max_kv_size=window))
+    tokens = [r.token for r in responses]
+    assert len(tokens) == steps, tokens  # no stop token: every step decoded
+
+    sequence = np.concatenate([inputs["input_ids"][0], tokens[:-1]])[None]
+    types = (sequence == 151655).astype(np.int64)
+    positions, _ = ref.model.get_rope_index(to_torch(sequence), to_torch(types),
+                                            to_torch(inputs["image_grid_thw"]))
+    positions = positions[:, 0].cpu().numpy()
+    query, key = np.arange(sequence.shape[1])[:, None], np.arange(sequence.shape[1])[None]
+    windowed = (key <= query) & ((query < window) | (key < 4) | (query - key < window - 4))
+    rotated = np.arange(length - 1, sequence.shape[1]) >= window  # the decoding queries past W
+    assert rotated.sum() >= steps - 8
+
+    expected = reference_logits(ref, sequence, positions, inputs, allowed=windowed)[0, length - 1:]
+    ours = np.stack([np.array(r.logprobs) for r in responses])
+    error = rel_error(centered(ours), centered(expected))
+    assert tokens == expected.argmax(axis=-1).tolist()
+    assert error <= 1e-4, error
+
+    # The window matters: under plain causal attention the rotated steps' logits differ.
+    full = reference_logits(ref, sequence, positions, inputs)[0, length - 1:]
+    gap = rel_error(centered(full[rotated]), centered(expected[rotated]))
+    print(f"window {window} for {sequence.shape[1]} tokens: rel error {error:.1e} against the windowed "
+          f"reference, {gap:.1e} between windowed and full attention")
+    assert gap > 100 * error and gap > 1e-3
 
 
 def test_quantized_cache_with_rotating_cache_is_refused(loaded):
@@ -137,16 +175,74 @@ def test_quantized_cache_with_rotating_cache_is_refused(loaded):
         generate(model, processor, "Hi", max_tokens=2, kv_bits=4, max_kv_size=64)
 
 
-def test_float16_vision_tower_stays_finite_and_close(tiny_reference):
-    """float16 runs the vision MLP and merger in float32 (they overflow float16 on real images)."""
+def test_float16_vision_tower_stays_finite_and_close(tmp_path):
+    """float16 runs the vision MLP and merger in float32: on real images their hidden
+    activations pass float16's largest value, 65504 (mlx-vlm #745, transformers #33294). Here
+    one hidden unit of the last block's MLP (gate and up ~300, product ~9e4) and one of the
+    merger's first linear (~1e5) do; their outputs fit float16 again. The float32 reference,
+    with weights that float16 holds exactly, is the answer."""
     from mlx_qwenvl.loading import load_model
-    from reference import rel_error
     from test_model_parity import make_inputs
 
+    config = tiny_config()
+    ref = make_reference(config, seed=6)
+    visual = ref.model.visual
+    with torch.no_grad():
+        mlp = visual.blocks[-1].mlp
+        mlp.gate_proj.bias[0] = mlp.up_proj.bias[0] = 300.0
+        mlp.down_proj.weight[:, 0] = 0.0
+        mlp.down_proj.weight[0, 0] = 2.0**-9  # ~180 on channel 0 of every patch
+        first, last = visual.merger.mlp[0], visual.merger.mlp[2]
+        first.weight[0, ::config["vision_config"]["hidden_size"]] = 4000.0  # channel 0 of the 4 merged patches
+        last.weight[:, 0] = 0.0
+        last.weight[0, 0] = 2.0**-11
+        for param in ref.parameters():
+            param.copy_(param.half().float())
+    peaks = {}
+
+    def peak(name):
+        return lambda module, args: peaks.__setitem__(name, float(args[0].abs().max()))
+
+    hooks = [mlp.down_proj.register_forward_pre_hook(peak("mlp")),
+             visual.merger.mlp[1].register_forward_pre_hook(peak("merger"))]
     inputs = make_inputs([("image", (1, 10, 14))])
-    fp32 = load_model(tiny_reference[1], dtype=mx.float32)
-    fp16 = load_model(tiny_reference[1], dtype=mx.float16)
-    pixels, grid = mx.array(inputs["pixel_values"]), inputs["image_grid_thw"]
-    ours = fp16.vision_tower(pixels, grid)
+    pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    with torch.no_grad():
+        expected = visual(to_torch(pixels), grid_thw=to_torch(grid)).pooler_output.cpu().numpy()
+    for hook in hooks:
+        hook.remove()
+    assert min(peaks.values()) > 1.2 * float(np.finfo(np.float16).max), peaks
+    assert np.abs(expected).max() < 1000
+
+    fp16 = load_model(save_reference(ref, tmp_path / "m", config), dtype=mx.float16)
+    ours = fp16.vision_tower(mx.array(pixels), grid)
     assert ours.dtype == mx.float16 and bool(mx.isfinite(ours).all())
-    assert rel_error(ours.astype(mx.float32), fp32.vision_tower(pixels, grid)) <= 1e-2
+    error = rel_error(ours.astype(mx.float32), expected)
+    print(f"hidden peaks {peaks}; float16 tower against the float32 reference: {error:.1e}")
+    assert error <= 1e-2
+
+
+# ---- every end-of-sequence token ends an answer
+
+HELLO, WORLD, BANG = 21927, 1879, 0  # " Hello", " world", "!"
+
+
+@pytest.mark.parametrize("stop", STOP, ids=["im_end", "endoftext"])
+def test_each_stop_token_ends_the_answer(stop, tmp_path):
+    """A model scripted to answer " Hello", then ``stop``, then " world!": generation ends at
+    the stop token, whichever of <|im_end|> and <|endoftext|> it is."""
+    config = tiny_config()
+    ref = script_answer(make_reference(config, seed=7), [HELLO, stop, WORLD, BANG])
+    model, processor = load(make_model_dir(save_reference(ref, tmp_path / "m", config)), dtype=mx.float32)
+    inputs = processor("Say hello.")
+    with torch.no_grad():  # past the stop token the script goes on
+        unstopped = ref.generate(**reference_inputs(inputs), max_new_tokens=4,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert unstopped[0, inputs["input_ids"].shape[1]:].tolist() == [HELLO, stop, WORLD, BANG]
+    assert reference_generate(ref, inputs, 8) == [HELLO, stop]
+
+    result = generate(model, processor, "Say hello.", max_tokens=8, temperature=0.0)
+    assert result.tokens == [HELLO, stop], result.tokens
+    assert result.finish_reason == "stop" and result.text == " Hello"
+    session = ChatSession(model, processor)
+    assert session.send("Say hello.", max_tokens=8, temperature=0.0).tokens == [HELLO, stop]

@@ -14,7 +14,7 @@ from mlx_qwenvl import cli
 from mlx_qwenvl.chat import ChatSession
 from mlx_qwenvl.errors import InputError
 from mlx_qwenvl.generate import AnswerText, generate, make_penalty, stream_generate
-from processor_fixtures import random_image
+from processor_fixtures import conversation_inputs, random_image
 from reference import STOP, reference_inputs
 
 COMMAND = [sys.executable, "-m", "mlx_qwenvl"]
@@ -55,6 +55,7 @@ def test_penalty_context_size_limits_to_the_last_ids():
     assert np.abs(ours - expected.numpy()).max() <= 1e-6
 
 
+@pytest.mark.slow  # 100-token greedy runs of the reference
 @pytest.mark.parametrize("penalty", [1.05, 1.3])
 def test_penalized_greedy_matches_reference_over_100_tokens(penalty, loaded, tiny_reference):
     model, processor = loaded
@@ -69,6 +70,7 @@ def test_penalized_greedy_matches_reference_over_100_tokens(penalty, loaded, tin
     print(f"penalty {penalty}: {len(expected)} greedy tokens equal the reference's")
 
 
+@pytest.mark.slow  # 100-token greedy runs of the reference
 def test_penalty_from_generation_config_reaches_stream_generate(loaded, tiny_reference):
     model, processor = loaded
     prompt = "Write a long poem about rivers."
@@ -83,6 +85,7 @@ def test_penalty_from_generation_config_reaches_stream_generate(loaded, tiny_ref
     print(f"generation_config penalty 1.3: {len(expected)} tokens equal")
 
 
+@pytest.mark.slow  # 100-token greedy runs of the reference
 def test_penalized_chat_second_turn_sees_the_earlier_turns(loaded, tiny_reference):
     model, processor = loaded
     first, second = random_image(56, 112, 12), random_image(112, 84, 13)
@@ -93,14 +96,7 @@ def test_penalized_chat_second_turn_sees_the_earlier_turns(loaded, tiny_referenc
     turn2 = session.send("And this one?", images=[second], max_tokens=60, temperature=0.0,
                          repetition_penalty=1.3)
     # The reference is given the whole conversation in one prompt, both images included.
-    prompt_ids = np.array([session.tokens[: held + session.last_prefill_tokens]], dtype=np.int64)
-    pixels, grids = [], []
-    for image in (first, second):
-        one = processor.encode("<|vision_start|><|image_pad|><|vision_end|>", images=[image])
-        pixels.append(one["pixel_values"])
-        grids.append(one["image_grid_thw"])
-    inputs = {"input_ids": prompt_ids, "pixel_values": np.concatenate(pixels),
-              "image_grid_thw": np.concatenate(grids)}
+    inputs = conversation_inputs(processor, session.tokens[: held + session.last_prefill_tokens], [first, second])
     expected = reference_tokens(tiny_reference[0], inputs, 60, repetition_penalty=1.3)
     assert len(expected) >= 50
     assert turn2.tokens == expected

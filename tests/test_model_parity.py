@@ -6,6 +6,8 @@ Both sides get the same pixel values and token ids. Tolerances:
 - bfloat16: <= 3e-2 (see BF16_TOLERANCE).
 """
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -14,7 +16,8 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_qwenvl import language
 from mlx_qwenvl.loading import load_model
-from reference import make_reference, rel_error, save_reference, to_torch, tiny_config
+import reference
+from reference import make_reference, reference_device, rel_error, tiny_config, to_torch
 
 IMAGE, VIDEO, START, END = 151655, 151656, 151652, 151653
 FP32_TOLERANCE = 1e-4
@@ -87,17 +90,9 @@ def make_inputs(items, seed=0):
 
 
 def reference_logits(ref, ids, types, inputs, seconds, position_ids, dtype):
-    kwargs = {k: to_torch(v, dtype if k.startswith("pixel") else None) for k, v in inputs.items()}
-    if seconds is not None:
-        kwargs["second_per_grid_ts"] = to_torch(np.array(seconds, np.float32))
-    with torch.no_grad():
-        out = ref(
-            input_ids=to_torch(ids),
-            mm_token_type_ids=to_torch(types),
-            position_ids=to_torch(position_ids)[:, None],
-            **kwargs,
-        )
-    return out.logits.float().cpu().numpy()
+    """reference.reference_logits in the argument order test_config_defaults calls
+    (``types`` follow from ``ids`` there)."""
+    return reference.reference_logits(ref, ids, position_ids, inputs, seconds, dtype)
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +274,33 @@ def test_placeholder_feature_mismatch_is_an_error(fp32_model):
     inputs = make_inputs([("image", (1, 8, 12))])
     with pytest.raises(InputError, match="16 image placeholder tokens but the images give 24"):
         fp32_model(ids, **inputs)
+
+
+def test_tied_checkpoint_with_the_flag_only_in_text_config(tmp_path):
+    """Some re-saves write tie_word_embeddings only in text_config, next to every other text key
+    of transformers 5's nested layout, and the weights without lm_head. transformers ties such
+    a folder; so must the loader, and its logits equal the reference's."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from safetensors import safe_open
+
+    config = tiny_config(tie_word_embeddings=True)
+    folder = tmp_path / "tied"
+    make_reference(config, seed=8).save_pretrained(folder, safe_serialization=True)
+    written = json.loads((folder / "config.json").read_text())
+    written["text_config"]["tie_word_embeddings"] = written.pop("tie_word_embeddings")
+    assert written["text_config"]["tie_word_embeddings"] is True and "tie_word_embeddings" not in written
+    (folder / "config.json").write_text(json.dumps(written, indent=2))
+    with safe_open(folder / "model.safetensors", "np") as weights:
+        assert not any("lm_head" in name for name in weights.keys())
+
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).float().eval().to(reference_device())
+    assert ref.lm_head.weight.data_ptr() == ref.model.language_model.embed_tokens.weight.data_ptr()
+    model = load_model(folder, dtype=mx.float32)
+    assert model.args.text.tie_word_embeddings
+    items = [("image", (1, 10, 14))]
+    ids, _ = build_prompt(items)
+    inputs = make_inputs(items, seed=4)
+    expected = reference.reference_logits(ref, ids, original_rule_positions(ids, items, None), inputs)
+    error = rel_error(model(ids, **inputs), expected)
+    print(f"tied, flag in text_config: fp32 logits rel error {error:.2e}")
+    assert error <= FP32_TOLERANCE

@@ -49,6 +49,7 @@ def test_trim_restores_the_offset_of_the_prefix(loaded):
     assert all(layer.offset == start for layer in cache)
 
 
+@pytest.mark.slow  # loads the model twice (~6 s)
 def test_a_model_loaded_on_one_thread_answers_on_another(tiny_model_dir):
     """MLX runs a lazy array on the stream of the thread that made it: every array the model
     holds is evaluated at load, so a server's worker thread (or an app's) can use it."""

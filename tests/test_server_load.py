@@ -76,6 +76,7 @@ def idle(server) -> bool:
     return status == 200 and body["waiting"] == 0 and (body["last_request"] or {}).get("outcome") != "running"
 
 
+@pytest.mark.slow
 def test_concurrent_streaming_clients():
     with subprocess_server("--model", "demo", "--max-queue", "2") as server:
         watch = HealthWatch(server)
