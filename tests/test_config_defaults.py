@@ -23,8 +23,8 @@ from mlx_qwenvl.config import ModelArgs, TextArgs, VisionArgs
 from mlx_qwenvl.convert import convert
 from mlx_qwenvl.errors import ModelLoadError
 from mlx_qwenvl.loading import load_model
-from reference import make_reference, rel_error, save_reference, tiny_config
-from test_model_parity import build_prompt, make_inputs, original_rule_positions, reference_logits
+from reference import make_reference, reference_logits, rel_error, save_reference, tiny_config
+from test_model_parity import build_prompt, make_inputs, original_rule_positions
 
 ASSETS = Path(__file__).parent / "assets" / "configs_4_49"
 FIXTURES = ["3B", "7B", "32B", "72B", "tiny"]
@@ -280,7 +280,7 @@ def test_tiny_sparse_config_logits_match_reference(tiny_sparse):
     ids, types = build_prompt(items)
     inputs = make_inputs(items)
     positions = original_rule_positions(ids, items, seconds, tokens_per_second=2)
-    expected = reference_logits(ref, ids, types, inputs, seconds, positions, torch.float32)
+    expected = reference_logits(ref, ids, positions, inputs, seconds, torch.float32)
     error = rel_error(model(ids, second_per_grid_ts=seconds, **inputs), expected)
     print(f"sparse tiny config: fp32 logits rel error {error:.2e}")
     assert error <= FP32_TOLERANCE

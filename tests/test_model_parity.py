@@ -89,12 +89,6 @@ def make_inputs(items, seed=0):
     return inputs
 
 
-def reference_logits(ref, ids, types, inputs, seconds, position_ids, dtype):
-    """reference.reference_logits in the argument order test_config_defaults calls
-    (``types`` follow from ``ids`` there)."""
-    return reference.reference_logits(ref, ids, position_ids, inputs, seconds, dtype)
-
-
 @pytest.fixture(scope="module")
 def bf16_pair(tiny_reference):
     _, path, config = tiny_reference
@@ -126,10 +120,10 @@ def test_vision_tower_fp32(case, tiny_reference, fp32_model):
 def test_logits_fp32(case, tiny_reference, fp32_model):
     ref = tiny_reference[0]
     items, seconds = CASES[case]
-    ids, types = build_prompt(items)
+    ids, _ = build_prompt(items)
     inputs = make_inputs(items)
     positions = original_rule_positions(ids, items, seconds)
-    expected = reference_logits(ref, ids, types, inputs, seconds, positions, torch.float32)
+    expected = reference.reference_logits(ref, ids, positions, inputs, seconds, torch.float32)
     ours = fp32_model(ids, second_per_grid_ts=seconds, **inputs)
     error = rel_error(ours, expected)
     print(f"{case}: fp32 logits rel error {error:.2e}")
@@ -140,10 +134,10 @@ def test_logits_fp32(case, tiny_reference, fp32_model):
 def test_logits_bf16(case, bf16_pair):
     ref, model = bf16_pair
     items, seconds = CASES[case]
-    ids, types = build_prompt(items)
+    ids, _ = build_prompt(items)
     inputs = make_inputs(items)
     positions = original_rule_positions(ids, items, seconds)
-    expected = reference_logits(ref, ids, types, inputs, seconds, positions, torch.bfloat16)
+    expected = reference.reference_logits(ref, ids, positions, inputs, seconds, torch.bfloat16)
     ours = model(ids, second_per_grid_ts=seconds, **inputs).astype(mx.float32)
     error = rel_error(ours, expected)
     print(f"{case}: bf16 logits rel error {error:.2e}")
