@@ -43,10 +43,9 @@ import mlx_qwenvl  # noqa: E402,F401  (binds the BLAS before mlx.core is importe
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_qwenvl.config import ModelArgs  # noqa: E402
 from mlx_qwenvl.convert import convert  # noqa: E402
 from mlx_qwenvl.language import DecoderLayer, MRoPE  # noqa: E402
-from mlx_qwenvl.loading import read_config, sanitize, weight_files, with_mlx_quantization  # noqa: E402
+from mlx_qwenvl.loading import model_args, read_config, sanitize, weight_files  # noqa: E402
 
 # (label, convert options); None is the source itself.
 CONFIGS = [
@@ -180,7 +179,7 @@ def stream_logits(folder: Path, prompts: list) -> list:
     """Logits [L, vocab] (float32) of each text prompt through the language model, reading and
     dequantizing one decoder layer at a time (the vision tower is never read)."""
     config = read_config(folder)
-    args = ModelArgs.from_dict(with_mlx_quantization(config, str(folder)))
+    args = model_args(config, str(folder))
     text, quantization = args.text, args.quantization or {}
     weights = {}
     for file in weight_files(folder):

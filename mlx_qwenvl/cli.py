@@ -12,7 +12,7 @@ import time
 import click
 
 from .errors import QwenVLError, error_line, first_line
-from .quantization import BITS, GROUP_SIZES, MODES, RECIPES
+from .quantization import BITS, GROUP_SIZES, MODES, RECIPES, modes_help
 
 DTYPES = {"auto": "auto", "checkpoint": None, "float32": "float32", "bfloat16": "bfloat16",
           "float16": "float16"}
@@ -31,7 +31,8 @@ def distributed_guard():
 
 
 def friendly_errors(command):
-    """One line on stderr and exit code 1 instead of a traceback (unless --debug). Under
+    """One line on stderr and exit code 1 instead of a traceback (unless --debug); an interrupt
+    carrying its own message (ConversionInterrupted) prints it and exits 130. Under
     mlx.launch the line names the rank, and any failure ends this rank at once (the others
     follow: see distributed.FailureGuard)."""
 
@@ -380,33 +381,31 @@ CONVERT_DTYPES = ("float16", "bfloat16", "float32")
 
 
 class ConvertProgress:
-    """convert's ``progress(done, total, name)`` as click's progress bar on stderr: on a terminal
-    the bar and the tensor being written, elsewhere its label once. It opens when the first
-    tensor is written, so that nothing is shown for a conversion refused before it starts."""
+    """convert's ``progress(done, total, name)`` on stderr, in bytes written: one updating line
+    (and the tensor being written) on a terminal, a line every 5% in logs and pipes."""
 
-    def __init__(self):
-        self.bar, self.done = None, 0
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last_step, self.last_time, self.start = -1, 0.0, time.time()
 
     def __call__(self, done: int, total: int, name: str) -> None:
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label="[convert]", file=sys.stderr,
-                                         item_show_func=lambda item: item and item[-60:])
-            self.bar.__enter__()
-        self.bar.update(done - self.done, name)
-        self.done = done
-        if done >= total:  # ended before the summary line is written
-            self.close()
+        from .convert_plan import human_bytes
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        fraction = done / total if total else 1.0
+        line = f"[convert] {fraction * 100:5.1f}%  {human_bytes(done)} / {human_bytes(total)}"
+        now = time.time()
+        if self.tty:
+            if now - self.last_time > 0.1 or done == total:
+                self.last_time = now
+                self.stream.write(f"\r{line}  {name[-60:]:<60}" + ("\n" if done == total else ""))
+                self.stream.flush()
+        else:
+            step = int(fraction * 20)
+            if step != self.last_step:
+                self.last_step = step
+                self.stream.write(f"{line}  ({now - self.start:.0f} s)\n")
+                self.stream.flush()
 
 
 @main.command("convert", short_help="Convert a Qwen2.5-VL checkpoint into an MLX folder, optionally quantized.",
@@ -421,8 +420,7 @@ class ConvertProgress:
 @click.option("--q-group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=None,
               help="Weights per quantization group (default: the mode's; affine 64).")
 @click.option("--q-mode", type=click.Choice(list(MODES)), default="affine", show_default=True,
-              help="Quantization mode: affine (1-6 or 8 bits, groups of 32/64/128), mxfp4 (4-bit, groups of 32), "
-                   "nvfp4 (4-bit, groups of 16) or mxfp8 (8-bit, groups of 32).")
+              help=f"Quantization mode: {modes_help()}.")
 @click.option("--quant-predicate", type=click.Choice(list(RECIPES)), default=None,
               help="Mixed-precision recipe (affine): mixed_<low>_<high> bits per layer, chosen as mlx-lm does.")
 @click.option("--quantize-vision", is_flag=True,
@@ -440,7 +438,8 @@ def convert_command(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_
     from .convert_folder import terminate_as_interrupt
     from .errors import ConversionInterrupted
 
-    with terminate_as_interrupt(), ConvertProgress() as progress:
+    with terminate_as_interrupt():
+        progress = ConvertProgress()
         try:
             convert(hf_path, mlx_path, dtype=dtype, quantize=quantize, q_bits=None if q_bits is None else int(q_bits),
                     q_group_size=None if q_group_size is None else int(q_group_size), q_mode=q_mode,

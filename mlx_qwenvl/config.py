@@ -1,6 +1,7 @@
 """A model folder's settings as plain objects built from its JSON files' contents:
 ``ModelArgs`` from config.json (in any of its published layouts) and ``SamplingDefaults``
-from generation_config.json. Reading the files is the loader's job (``read_json``).
+from generation_config.json, and the readers of those files (``read_json``,
+``read_folder_json``), which the loader calls once per load.
 
 Three layouts of config.json are met in practice:
 - flat (the hub files, transformers 4.49-4.51 saves): text keys at the root,
@@ -322,6 +323,11 @@ class SamplingDefaults:
             repetition_penalty=config.get("repetition_penalty"),
             eos_token_ids=eos,
         )
+
+    @classmethod
+    def from_folder(cls, path) -> "SamplingDefaults":
+        """From a folder's generation_config.json (greedy when it has none)."""
+        return cls.from_dict(read_folder_json(path, "generation_config.json") if path else None)
 
 
 def read_json(file: Path) -> dict:

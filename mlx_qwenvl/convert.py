@@ -47,9 +47,10 @@ from .convert_source import Source, check_source_options, inspect_source
 from .errors import ConversionError, ConversionInterrupted
 from .foreign import foreign_format, unpack_rows
 from .hub import hub_config, resolve_model_path
-from .safetensors_io import SafetensorsWriter, row_blocks
+from .safetensors_io import SafetensorsWriter, read_safetensors_header, row_blocks
 
-__all__ = ["convert", "ConversionError", "ConversionInterrupted"]
+# The public names; the others are found in their modules (convert_plan, foreign, safetensors_io).
+__all__ = ["convert", "ConversionError", "ConversionInterrupted", "read_safetensors_header"]
 
 SLEEP_ENV = "MLX_QWENVL_CONVERT_SLEEP"  # test hook, see the module docstring
 

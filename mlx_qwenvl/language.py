@@ -316,13 +316,14 @@ class LanguageModel(nn.Module):
                               "intermediate size": args.intermediate_size}, "tensor parallelism")
         if kv_heads % size and size % kv_heads:
             raise ValueError(f"tensor parallelism over {size} ranks needs the key/value heads ({kv_heads}) to "
-                             f"divide by {size} or {size} by them; use pipeline parallelism (--parallel pipeline) or another number of ranks")
+                             f"divide by {size} or {size} by them; use pipeline parallelism (parallel='pipeline', "
+                             "--parallel pipeline) or another number of ranks")
         first = self.model.layers[0]
         for name, layer in (("o_proj", first.self_attn.o_proj), ("down_proj", first.mlp.down_proj)):
             if hasattr(layer, "scales") and layer.scales.shape[-1] % size:
                 raise ValueError(
                     f"tensor parallelism over {size} ranks cannot split {name}'s {layer.scales.shape[-1]} "
-                    f"quantization groups evenly; use pipeline parallelism (--parallel pipeline)"
+                    f"quantization groups evenly; use pipeline parallelism (parallel='pipeline', --parallel pipeline)"
                 )
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -389,5 +390,5 @@ class LanguageModel(nn.Module):
 def _check_divides(size: int, counts: dict, what: str) -> None:
     for name, count in counts.items():
         if count % size:
-            raise ValueError(f"{what} over {size} ranks needs the {name} ({count}) to divide by {size}; "
-                             f"use pipeline parallelism (--parallel pipeline) or another number of ranks")
+            raise ValueError(f"{what} over {size} ranks needs the {name} ({count}) to divide by {size}; use "
+                             "pipeline parallelism (parallel='pipeline', --parallel pipeline) or another number of ranks")

@@ -151,12 +151,6 @@ def mlx_quantization(config: dict, where: str = "the model") -> Optional[dict]:
     return settings
 
 
-def with_mlx_quantization(config: dict, where: str = "the model") -> dict:
-    """``config`` with its MLX quantization settings under ``quantization``, where ModelArgs
-    reads them. Raises ModelLoadError as mlx_quantization."""
-    return {**config, "quantization": mlx_quantization(config, where)}
-
-
 def model_args(config: dict, where: str = "the model") -> ModelArgs:
     """The ModelArgs of ``config``, its quantization the MLX settings (mlx_quantization): parsed
     once, and another model type or a missing key is the first thing said.
@@ -486,7 +480,8 @@ def load(path_or_repo, *, dtype="auto", revision: Optional[str] = None, lazy: bo
 
     path = resolve_model_path(path_or_repo, revision)
     configs = read_configs(path)
-    model = load_model(path, dtype, lazy=lazy, group=group, parallel=parallel, config=configs["config"])
+    # The processor first: a bad tokenizer or template is said before gigabytes are read.
     processor = Processor.from_pretrained(path, preprocessor_config=configs["preprocessor_config"] or {},
                                           generation_config=configs["generation_config"])
+    model = load_model(path, dtype, lazy=lazy, group=group, parallel=parallel, config=configs["config"])
     return model, processor

@@ -10,7 +10,7 @@ loads. Pixels come from image_processing / video_processing.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,13 +55,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PreprocessorConfig(PatchLayout):
-    """The image settings of a model folder (hub values by default): how pixels become patch rows
-    (``PatchLayout``: mean, std, rescale_factor, patch_size, merge_size, temporal_patch_size), the
-    images' pixel bounds and the resize filter."""
+class PreprocessorConfig:
+    """The image settings of a model folder (hub values by default), under
+    preprocessor_config.json's names: the images' pixel bounds, how pixels become patch rows
+    (``pixel_options``) and the resize filter."""
 
     min_pixels: int = MIN_PIXELS
     max_pixels: int = MAX_PIXELS
+    patch_size: int = PATCH_SIZE
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE
+    merge_size: int = MERGE_SIZE
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+    rescale_factor: float = RESCALE_FACTOR
     resample: int = 3  # PIL bicubic
 
     @classmethod
@@ -80,8 +86,8 @@ class PreprocessorConfig(PatchLayout):
             patch_size=int(config.get("patch_size", PATCH_SIZE)),
             temporal_patch_size=int(config.get("temporal_patch_size", TEMPORAL_PATCH_SIZE)),
             merge_size=int(config.get("merge_size", MERGE_SIZE)),
-            mean=tuple(config.get("image_mean", CLIP_MEAN)),
-            std=tuple(config.get("image_std", CLIP_STD)),
+            image_mean=tuple(config.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(config.get("image_std", CLIP_STD)),
             rescale_factor=float(config.get("rescale_factor", RESCALE_FACTOR)),
             resample=int(config.get("resample", 3)),
         )
@@ -90,17 +96,15 @@ class PreprocessorConfig(PatchLayout):
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
-    @property
-    def image_mean(self) -> tuple:  # preprocessor_config.json's name
-        return self.mean
-
-    @property
-    def image_std(self) -> tuple:
-        return self.std
+    @classmethod
+    def from_folder(cls, path) -> "PreprocessorConfig":
+        """The settings of a folder's preprocessor_config.json (hub values when it has none)."""
+        return cls.from_dict(read_folder_json(path, "preprocessor_config.json") or {})
 
     def pixel_options(self) -> dict:
-        """The ``PatchLayout`` part: the keyword options of ``process_images``/``process_videos``."""
-        return {f.name: getattr(self, f.name) for f in fields(PatchLayout)}
+        """The keyword options of ``process_images``/``process_videos`` (``PatchLayout``'s fields)."""
+        return asdict(PatchLayout(self.image_mean, self.image_std, self.rescale_factor, self.patch_size,
+                                  self.merge_size, self.temporal_patch_size))
 
 
 # --------------------------------------------------------------------------------------------

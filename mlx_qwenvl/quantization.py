@@ -35,6 +35,18 @@ MODES = {
 BITS = tuple(sorted({bits for mode in MODES.values() for bits in mode.bits}))
 GROUP_SIZES = tuple(sorted({size for mode in MODES.values() for size in mode.group_sizes}))
 
+
+
+def modes_help() -> str:
+    """The modes and what each takes, for --q-mode's help: ``affine (1/2/3/4/5/6/8 bits, groups
+    of 32/64/128), mxfp4 (4-bit, groups of 32), ...``."""
+    def one(name, mode):
+        bits = f"{mode.bits[0]}-bit" if len(mode.bits) == 1 else f"{'/'.join(map(str, mode.bits))} bits"
+        return f"{name} ({bits}, groups of {'/'.join(map(str, mode.group_sizes))})"
+
+    return ", ".join(one(name, mode) for name, mode in MODES.items())
+
+
 # Mixed-precision recipes: (low bits, high bits), affine. mlx-lm has the first four; mlx-vlm all.
 RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_5": (3, 5), "mixed_3_6": (3, 6),
            "mixed_3_8": (3, 8), "mixed_4_6": (4, 6), "mixed_4_8": (4, 8)}

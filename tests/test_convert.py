@@ -4,6 +4,7 @@ mlx-community's, and a failed or interrupted conversion leaves nothing behind.""
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -390,6 +391,17 @@ def test_killed_conversion_is_cleaned_up_by_the_next(source, tmp_path):
     assert not target.exists() and len(list(tmp_path.glob("out.tmp-*"))) == 1
     convert(source, target)
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_cli_progress_in_a_log_says_percent_and_bytes(source, tmp_path):
+    """Off a terminal (a log, CI, 2>file) the progress is a line every 5%, with bytes and time."""
+    process = run_cli("--hf-path", str(source), "--mlx-path", str(tmp_path / "out"))
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("[convert]")]
+    percents = [float(re.match(r"\[convert\] +([\d.]+)%  \S+ \S*B / \S+ \S*B  \(\d+ s\)$", line).group(1))
+                for line in lines]
+    assert len(percents) >= 2 and percents == sorted(percents) and percents[-1] == 100.0, lines
 
 
 def test_cli_errors_are_one_line(source, tmp_path):
