@@ -176,6 +176,10 @@ class Handler(BaseHTTPRequestHandler):
         except APIError as error:
             self._error(error)
 
+    def do_HEAD(self):
+        """GET's status and headers without the body (curl -I, link checkers, uptime probes)."""
+        self.do_GET()
+
     def do_POST(self):
         path = self.path.split("?")[0].rstrip("/")
         started = time.perf_counter()
@@ -291,7 +295,11 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self._cors()
         self.end_headers()
-        self.wfile.write(data)
+        self._body(data)
+
+    def _body(self, data: bytes) -> None:
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _page(self, path: str) -> None:
         data, kind = self.app.page_file(path)
@@ -305,7 +313,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        self._body(data)
 
     def _error(self, error: APIError) -> None:
         if error.status >= 500:

@@ -5,6 +5,7 @@ server answering a good request right after."""
 
 import base64
 import functools
+import http.client
 import http.server
 import json
 import os
@@ -345,6 +346,26 @@ def test_unknown_paths(server):
     assert status == 405
     status, _, _ = request(server, "GET", "/v1/models")  # no key
     assert status == 401
+
+
+def test_head_gives_get_headers_without_a_body(server):
+    """curl -I, link checkers and probes: HEAD answers as GET, without the body, and the
+    keep-alive connection stays usable."""
+    get_status, get_headers, page = request(server, "GET", "/")
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    try:
+        for path, status in (("/", 200), ("/health", 200), ("/v1/models", 401)):
+            connection.request("HEAD", path)
+            response = connection.getresponse()
+            assert response.status == status and response.read() == b"", path
+            if path == "/":
+                assert get_status == 200 and len(page) > 0
+                assert response.getheader("Content-Length") == get_headers["Content-Length"]
+                assert response.getheader("Content-Security-Policy") == get_headers["Content-Security-Policy"]
+        connection.request("GET", "/health")
+        assert json.loads(connection.getresponse().read())["status"] == "ok"
+    finally:
+        connection.close()
 
 
 def test_openai_client_sees_error_messages(client):
