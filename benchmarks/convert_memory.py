@@ -175,6 +175,12 @@ else:
 """
 
 
+def append_report(path, name: str, table: str, data) -> None:
+    """A dated section with the Markdown table and the raw JSON, appended to ``path``."""
+    with open(path, "a") as f:
+        f.write(f"\n## {name} ({time.strftime('%Y-%m-%d')})\n\n{table}\n\n```json\n{json.dumps(data)}\n```\n")
+
+
 def run_measured(args: list) -> dict:
     """Run ``python <args>`` under the wrapper; its peak resident memory and time."""
     start = time.time()
@@ -258,9 +264,7 @@ def main():
                           + [f"| {k:<{width}} | {v} |" for k, v in rows])
         print(table)
         if args.report:
-            with open(args.report, "a") as f:
-                f.write(f"\n## convert_memory ({time.strftime('%Y-%m-%d')})\n\n{table}\n\n```json\n"
-                        f"{json.dumps(result)}\n```\n")
+            append_report(args.report, "convert_memory", table, result)
     finally:
         if args.keep:
             print(f"kept {workdir}", file=sys.stderr)

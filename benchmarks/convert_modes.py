@@ -21,7 +21,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +31,7 @@ import mlx_qwenvl  # noqa: E402,F401  (binds the BLAS before mlx.core is importe
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from convert_memory import config_for, create_checkpoint, hub_tensors, run_measured  # noqa: E402
+from convert_memory import append_report, config_for, create_checkpoint, hub_tensors, run_measured  # noqa: E402
 from mlx_qwenvl.safetensors_io import SafetensorsWriter  # noqa: E402
 
 SETTINGS = [
@@ -158,9 +157,7 @@ def main():
         table = "\n".join(lines)
         print(table)
         if args.report:
-            with open(args.report, "a") as f:
-                f.write(f"\n## convert_modes ({time.strftime('%Y-%m-%d')})\n\n{table}\n\n```json\n"
-                        f"{json.dumps(results)}\n```\n")
+            append_report(args.report, "convert_modes", table, results)
     finally:
         if args.keep:
             print(f"kept {workdir}", file=sys.stderr)

@@ -26,7 +26,6 @@ folder's safetensors bytes.
 """
 
 import argparse
-import gzip
 import json
 import shutil
 import sys
@@ -98,18 +97,9 @@ def converted(source: Path, out: Path, options, dtype=None):
 
 
 def demo_source(workdir: Path) -> Path:
-    from train_demo import write_folder_files
+    from train_demo import unpack_released_checkpoint
 
-    folder = workdir / "demo-release"
-    write_folder_files(folder)
-    asset = REPO / "tests" / "assets" / "demo_checkpoint"
-    for file in asset.iterdir():
-        if file.suffix == ".gz":
-            with gzip.open(file, "rb") as src, open(folder / file.stem, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        else:
-            shutil.copy(file, folder / file.name)
-    return folder
+    return unpack_released_checkpoint(workdir / "demo-release")
 
 
 def demo_measure(folder: Path, questions, logit_questions) -> dict:

@@ -8,7 +8,6 @@ ours is the converted folder shipped in the package (mlx_qwenvl/demo_model). Que
 from tools/demo_tasks.py with a seed the training never used.
 """
 
-import gzip
 import hashlib
 import os
 import re
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 from demo_tasks import KINDS, questions  # noqa: E402
-from train_demo import messages_for, write_folder_files  # noqa: E402
+from train_demo import messages_for, unpack_released_checkpoint  # noqa: E402
 
 HELD_OUT_SEED = 20261128  # training used 0 (questions) and 10000 (its own evaluation)
 README = (ROOT / "README.md").read_text()
@@ -45,15 +44,7 @@ pytestmark = pytest.mark.slow
 def reference(tmp_path_factory):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    asset = ROOT / "tests" / "assets" / "demo_checkpoint"
-    folder = tmp_path_factory.mktemp("demo") / "hf"
-    write_folder_files(folder)
-    for file in asset.iterdir():
-        if file.suffix == ".gz":
-            with gzip.open(file, "rb") as src, open(folder / file.stem, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        else:
-            shutil.copy(file, folder / file.name)
+    folder = unpack_released_checkpoint(tmp_path_factory.mktemp("demo") / "hf")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).float().eval()
     return model.to(reference_device())
 

@@ -23,6 +23,7 @@ counted objects sized by the picture's area and a radius apart (counts).
 """
 
 import argparse
+import gzip
 import json
 import math
 import random
@@ -43,6 +44,7 @@ from demo_tasks import COLORS, KINDS, POSITIONS, SHAPES, Question, make_question
 KIND_WEIGHTS = {"color": 1, "shape": 6, "count": 4, "position": 2, "two_images": 1}
 
 TOKENIZER = ROOT / "tests" / "assets" / "qwen2_tokenizer"
+RELEASED = ROOT / "tests" / "assets" / "demo_checkpoint"  # tools/package_demo.py writes it
 IM_END, PAD = 151645, 151643
 
 CONFIG = {
@@ -96,6 +98,19 @@ def write_folder_files(folder: Path) -> None:
             shutil.copy(file, folder / file.name)
     (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
     (folder / "generation_config.json").write_text(json.dumps(GENERATION, indent=2))
+
+
+def unpack_released_checkpoint(folder: Path) -> Path:
+    """The released demo checkpoint (RELEASED: hub layout, weights gzip-compressed) made a
+    loadable folder at ``folder``, with write_folder_files' files."""
+    write_folder_files(folder)
+    for file in RELEASED.iterdir():
+        if file.suffix == ".gz":
+            with gzip.open(file, "rb") as src, open(folder / file.stem, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            shutil.copy(file, folder / file.name)
+    return folder
 
 
 def messages_for(question):
