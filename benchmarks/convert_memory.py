@@ -175,10 +175,20 @@ else:
 """
 
 
-def append_report(path, name: str, table: str, data) -> None:
-    """A dated section with the Markdown table and the raw JSON, appended to ``path``."""
-    with open(path, "a") as f:
-        f.write(f"\n## {name} ({time.strftime('%Y-%m-%d')})\n\n{table}\n\n```json\n{json.dumps(data)}\n```\n")
+def publish(table: str, report, name: str, data) -> None:
+    """Print the Markdown table; with ``report``, append a dated section with it and the raw JSON."""
+    print(table)
+    if report:
+        with open(report, "a") as f:
+            f.write(f"\n## {name} ({time.strftime('%Y-%m-%d')})\n\n{table}\n\n```json\n{json.dumps(data)}\n```\n")
+
+
+def drop_workdir(workdir: Path, keep: bool) -> None:
+    """The benchmark's scratch folder removed, unless ``keep`` (then its path is printed)."""
+    if keep:
+        print(f"kept {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_measured(args: list) -> dict:
@@ -262,14 +272,9 @@ def main():
         width = max(len(k) for k, _ in rows)
         table = "\n".join([f"| {'measure':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
                           + [f"| {k:<{width}} | {v} |" for k, v in rows])
-        print(table)
-        if args.report:
-            append_report(args.report, "convert_memory", table, result)
+        publish(table, args.report, "convert_memory", result)
     finally:
-        if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        drop_workdir(workdir, args.keep)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import mlx_qwenvl  # noqa: E402,F401  (binds the BLAS before mlx.core is importe
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from convert_memory import append_report, config_for, create_checkpoint, hub_tensors, run_measured  # noqa: E402
+from convert_memory import config_for, create_checkpoint, hub_tensors, drop_workdir, publish, run_measured  # noqa: E402
 from mlx_qwenvl.safetensors_io import SafetensorsWriter  # noqa: E402
 
 SETTINGS = [
@@ -155,14 +155,9 @@ def main():
                          f"{r['median_seconds']:.1f} s [{min(secs):.1f}–{max(secs):.1f}] | "
                          f"{r['median_cpu_seconds']:.1f} s |")
         table = "\n".join(lines)
-        print(table)
-        if args.report:
-            append_report(args.report, "convert_modes", table, results)
+        publish(table, args.report, "convert_modes", results)
     finally:
-        if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        drop_workdir(workdir, args.keep)
 
 
 if __name__ == "__main__":

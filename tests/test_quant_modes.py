@@ -50,7 +50,9 @@ def source(tmp_path_factory):
 def dense_float32(model):
     """``model`` with every quantized layer made dense in float32 (mx.dequantize with dtype:
     mlx-lm's dequantize_model keeps the floating-point modes' weights in bfloat16, its default
-    for uint8 scales, so an embedding lookup would come out in bfloat16)."""
+    for uint8 scales, so an embedding lookup would come out in bfloat16). Written here rather
+    than calling loading.dequantize_layers: it is the independent reference that function's
+    result (load_model's default float32) is compared with."""
     layers = []
     for path, module in model.named_modules():
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
