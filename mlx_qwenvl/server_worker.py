@@ -258,13 +258,16 @@ class Worker:
                       response.finish_reason)
         if job.logprobs:
             logprobs = response.logprobs
-            token.logprob = logprobs[response.token].item()
+            chosen = logprobs[response.token]
+            top = values = None
             if job.top_logprobs:
                 k = min(job.top_logprobs, logprobs.shape[-1])
                 top = mx.argpartition(-logprobs, kth=k - 1)[:k]
                 values = logprobs[top]
-                ids, values = np.array(top).tolist(), np.array(values).tolist()
-                token.top = sorted(zip(ids, values), key=lambda pair: -pair[1])
+            mx.eval(chosen, top, values)  # one wait; .tolist() reads bfloat16 too (NumPy cannot)
+            token.logprob = chosen.item()
+            if top is not None:
+                token.top = sorted(zip(top.tolist(), values.tolist()), key=lambda pair: -pair[1])
         return token
 
     def _keep(self, cache, prompt: Prompt, answer: list) -> None:

@@ -18,13 +18,14 @@ from server_support import (
     RED_CIRCLE,
     data_uri,
     image_question,
+    inprocess_server,
     post,
     request,
     sse_events,
     subprocess_server,
 )
 
-openai = pytest.importorskip("openai")
+import openai  # noqa: E402  (the test extra has it; a missing one must fail, not skip)
 
 KEY = "test-key-18"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -236,11 +237,19 @@ def test_request_shapes(server, web, media):
         assert answer["model"] == "demo"  # one served model, whatever the request names
 
 
-def test_text_only_and_roles(server):
+def test_text_only_and_roles(server, demo):
+    """A text-only request whose 'developer' message is the system prompt (OpenAI's newer name)."""
+    from mlx_qwenvl import generate
+
     body = {"messages": [{"role": "developer", "content": "Answer in one word."},
-                         {"role": "user", "content": [{"type": "text", "text": "hello"}]}], "max_tokens": 4}
+                         {"role": "user", "content": [{"type": "text", "text": "hello"}]}],
+            "max_tokens": 4, "temperature": 0}
     status, _, answer = post(server, body, headers=AUTH)
-    assert status == 200 and isinstance(answer["choices"][0]["message"]["content"], str)
+    reference = generate(*demo, [{"role": "system", "content": "Answer in one word."},
+                                 {"role": "user", "content": "hello"}], max_tokens=4, temperature=0.0)
+    assert status == 200
+    assert answer["choices"][0]["message"]["content"] == reference.text
+    assert answer["usage"]["prompt_tokens"] == reference.prompt_tokens
 
 
 def bad_inputs(web, media):
@@ -346,6 +355,22 @@ def test_unknown_paths(server):
     assert status == 405
     status, _, _ = request(server, "GET", "/v1/models")  # no key
     assert status == 401
+
+
+def test_logprobs_of_a_bfloat16_model():
+    """Checkpoints are bfloat16 and stay so on Metal: the log-probabilities (in the logits'
+    dtype) must reach the client (NumPy cannot convert bfloat16 arrays)."""
+    from mlx_qwenvl import load, stream_generate
+
+    model, processor = load("demo", dtype="bfloat16")
+    head = next(stream_generate(model, processor, reference_messages(), max_tokens=1, temperature=0.0))
+    with inprocess_server(model, processor) as running:
+        status, _, answer = post(running, image_question(logprobs=True, top_logprobs=3, max_tokens=1))
+    assert status == 200, answer
+    first = answer["choices"][0]["logprobs"]["content"][0]
+    assert first["logprob"] == pytest.approx(head.logprobs[head.token].item(), abs=1e-6)
+    values = [entry["logprob"] for entry in first["top_logprobs"]]
+    assert values == sorted(values, reverse=True) and values[0] == first["logprob"]
 
 
 def test_head_gives_get_headers_without_a_body(server):
