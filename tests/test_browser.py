@@ -363,7 +363,7 @@ def test_context_full_and_busy(page):
         "Server busy (503): the server is busy (16 requests waiting); retry later (try again in 2 s)")
 
 
-def test_stop(page):
+def test_stop(page, server):
     """A long answer, stopped: it stops growing, the page is ready, the server is free.
 
     The demo model answers in one word, so the long answer comes from sampling at a very high
@@ -388,7 +388,14 @@ def test_stop(page):
     assert page.find('[role="log"] .assistant .usage').text == "stopped"
     assert page.driver.switch_to.active_element == page.message
 
-    # the server stopped too: a new question is answered at once, not after 4000 tokens
+    # the server stopped too: it reports the request cancelled, well short of 4000 tokens ...
+    def last_request():
+        _, _, body = request(server, "GET", "/health")
+        return json.loads(body)["last_request"] or {}
+
+    page.wait(lambda: last_request().get("outcome") == "cancelled", "the server to cancel the answer", timeout=10)
+    assert last_request()["generated_tokens"] < 4000
+    # ... and a new question is answered at once
     page.button("New chat").click()
     for name in ("Max tokens", "Temperature", "Seed"):
         page.labelled(name).clear()

@@ -396,7 +396,12 @@ def test_killed_conversion_is_cleaned_up_by_the_next(source, tmp_path):
 def test_cli_progress_in_a_log_says_percent_and_bytes(source, tmp_path):
     """Off a terminal (a log, CI, 2>file) the progress is a line every 5%, with bytes and time."""
     process = run_cli("--hf-path", str(source), "--mlx-path", str(tmp_path / "out"))
-    _, err = process.communicate(timeout=120)
+    try:
+        _, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
     assert process.returncode == 0, err
     lines = [line for line in err.splitlines() if line.startswith("[convert]")]
     percents = [float(re.match(r"\[convert\] +([\d.]+)%  \S+ \S*B / \S+ \S*B  \(\d+ s\)$", line).group(1))

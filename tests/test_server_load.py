@@ -82,26 +82,28 @@ def test_concurrent_streaming_clients():
         watch = HealthWatch(server)
         watch.start()
         results, rss = [], []
-        for round_ in range(REQUESTS):
-            outcomes = [None] * CLIENTS
+        try:
+            for round_ in range(REQUESTS):
+                outcomes = [None] * CLIENTS
 
-            def client(i, round_=round_, outcomes=outcomes):
-                hang_up = (i + round_) % 4 == 0
-                outcomes[i] = (hang_up, *one_request(server, hang_up))
+                def client(i, round_=round_, outcomes=outcomes):
+                    hang_up = (i + round_) % 4 == 0
+                    outcomes[i] = (hang_up, *one_request(server, hang_up))
 
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
-            tic = time.monotonic()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(REQUEST_TIMEOUT_S)
-            assert not any(thread.is_alive() for thread in threads), "a client hung"
-            assert time.monotonic() - tic < REQUEST_TIMEOUT_S
-            assert wait_for(lambda: idle(server), timeout=30)
-            rss.append(server.rss_kib())
-            results += outcomes
-        watch.done.set()
-        watch.join(15)
+                threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+                tic = time.monotonic()
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(REQUEST_TIMEOUT_S)
+                assert not any(thread.is_alive() for thread in threads), "a client hung"
+                assert time.monotonic() - tic < REQUEST_TIMEOUT_S
+                assert wait_for(lambda: idle(server), timeout=30)
+                rss.append(server.rss_kib())
+                results += outcomes
+        finally:  # the watcher stops even when a round fails
+            watch.done.set()
+            watch.join(15)
         stats = json.loads(request(server, "GET", "/health")[2])["stats"]
 
     assert len(results) == CLIENTS * REQUESTS and None not in results
