@@ -247,10 +247,12 @@ class Qwen2Model(PipelineMixin, nn.Module):
         if size > 1 and rank < size - 1:
             # This stage starts from the activations of the next rank (mlx-lm's order: the last
             # rank runs the first layers). The vocabulary-split embedding above is a collective
-            # that this rank's graph no longer uses: it is evaluated here, or the first stage
-            # would wait for this rank in it while this rank waits for the first stage's send.
+            # that this rank's graph no longer uses: it is queued here, ahead of the receive, or
+            # the first stage would wait for this rank in it while this rank waits for the first
+            # stage's send. Queued, not awaited: the host goes on building the step (mlx-lm's
+            # decode overlaps the next step's graph with this one's computation).
             if isinstance(self.embed_tokens, VocabParallelEmbedding):
-                mx.eval(h)
+                mx.async_eval(h)
             h = mx.distributed.recv_like(h, rank + 1, group=self.group)
         for layer, layer_cache in zip(self.pipeline_layers, cache):
             h = layer(h, self._rotary, rope, mask, layer_cache)
