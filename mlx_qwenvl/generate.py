@@ -1,5 +1,6 @@
 """Text generation from image/video prompts, reusing mlx-lm's decoding loop, samplers and caches."""
 
+import functools
 import inspect
 import time
 from dataclasses import dataclass, fields
@@ -7,7 +8,8 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, generate_step, generation_stream, wired_limit
+from mlx_lm.generate import (DEFAULT_QUANTIZED_KV_START, generate_step, generation_stream, maybe_quantize_kv_cache,
+                             wired_limit)
 from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
@@ -290,7 +292,10 @@ def _decode(model, ids, vision, prompt_cache, text, stop_ids, *, max_tokens, pre
     tic = time.perf_counter()
     progress(0, prompt_tokens)
     if ids.shape[1] > 1:
-        model.prefill(ids[:, :-1], prompt_cache, chunk_size=prefill_step_size, progress=progress, **vision)
+        quantize = functools.partial(maybe_quantize_kv_cache, quantized_kv_start=step_options["quantized_kv_start"],
+                                     kv_group_size=step_options["kv_group_size"], kv_bits=step_options["kv_bits"])
+        model.prefill(ids[:, :-1], prompt_cache, chunk_size=prefill_step_size, progress=progress, quantize=quantize,
+                      **vision)
     steps = generate_step(mx.array(ids[0, -1:]), model, max_tokens=max_tokens,
                           prompt_cache=prompt_cache, **step_options)
     prompt_tps = generation_tic = None

@@ -137,13 +137,15 @@ class Model(nn.Module):
         embeddings, position_ids, start = self._prepare(input_ids, cache, input_embeddings, **vision_inputs)
         return self.language_model(embeddings, cache, position_ids=position_ids, position_offset=start)
 
-    def prefill(self, input_ids, cache: list, chunk_size: int = 2048, progress=None,
+    def prefill(self, input_ids, cache: list, chunk_size: int = 2048, progress=None, quantize=None,
                 **vision_inputs) -> None:
         """Fill ``cache`` with a prompt in chunks, so that attention over a long prompt (a large
         photo is up to 16k tokens) never holds all L x L scores at once.
 
         ``progress(processed, total)`` is called after each chunk, counting ``input_ids`` plus
-        one (the last prompt token, which the decoding loop feeds).
+        one (the last prompt token, which the decoding loop feeds). ``quantize(cache)``, when
+        given, runs after each chunk (mlx-lm's prefill: a quantized KV cache starts as soon as
+        it holds quantized_kv_start tokens, not at the first decoding step).
         """
         embeddings, position_ids, start = self._prepare(input_ids, cache, None, **vision_inputs)
         total = embeddings.shape[1] + 1
@@ -152,9 +154,12 @@ class Model(nn.Module):
             self.language_model.model(
                 embeddings[:, i : i + chunk_size], cache, chunk_positions, start + i
             )
+            if quantize is not None:
+                quantize(cache)
             mx.eval([c.state for c in cache])
             if progress is not None:
                 progress(min(i + chunk_size, total - 1), total)
+            mx.clear_cache()  # the chunk's attention buffers, as mlx-lm's prefill
 
     def _prepare(self, input_ids, cache, input_embeddings=None, *, pixel_values=None,
                  image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,

@@ -122,6 +122,33 @@ def test_verbose_prints_mlx_lm_statistics(tiny_model_dir, loaded):
     assert int(match.group(2)) == expected.prompt_tokens and int(match.group(3)) == expected.generation_tokens
 
 
+def test_kv_cache_is_quantized_during_prefill(tmp_path):
+    """As mlx-lm's prefill: the KV cache is quantized after the prefill chunk that takes it to
+    quantized_kv_start tokens, not only once decoding starts (a long image prompt would
+    otherwise peak at full precision)."""
+    from processor_fixtures import make_model_dir
+    from reference import make_reference, save_reference, tiny_config
+
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    config = tiny_config(num_attention_heads=2, num_key_value_heads=1,
+                         rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
+    folder = make_model_dir(save_reference(make_reference(config, seed=4), tmp_path / "m", config))
+    model, processor = load(folder, dtype=mx.float32)
+    inputs = processor("Tell me a long story about a red circle")
+    cache, seen = make_cache(model), []
+
+    def progress(done, total):
+        if done < total:  # the prefill's chunks (the last call comes after the first decoding step)
+            seen.append((done, isinstance(cache[0], QuantizedKVCache)))
+
+    list(stream_tokens(model, processor, inputs, cache, max_tokens=2, temperature=0.0, kv_bits=8, kv_group_size=32,
+                       quantized_kv_start=12, prefill_step_size=4, prompt_progress_callback=progress))
+    chunks = [(done, quantized) for done, quantized in seen if done > 0]
+    assert len(chunks) >= 5, seen
+    assert all(quantized == (done >= 12) for done, quantized in chunks), chunks
+
+
 def test_quantized_kv_start(tmp_path):
     from processor_fixtures import make_model_dir
     from reference import make_reference, save_reference, tiny_config
