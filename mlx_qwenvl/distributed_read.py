@@ -78,14 +78,12 @@ def read_block(source: Source, axis: Optional[int] = None, index: int = 0, parts
     np_dtype, view = NUMPY_DTYPES[source.dtype]
     itemsize = np.dtype(np_dtype).itemsize
     shape = source.stored_shape
-    if source.axes is not None:  # only whole tensors are transposed (the patch embedding)
-        if axis is not None:
-            raise ModelLoadError(f"cannot split the transposed tensor at {source.file.name}")
-        return _as_mlx(_read_rows(source, 0, math.prod(shape) * itemsize, 1, 0, math.prod(shape) * itemsize)
-                       .view(np_dtype).reshape(shape), view).transpose(source.axes)
+    if source.axes is not None and axis is not None:  # only whole tensors are transposed (patch embedding)
+        raise ModelLoadError(f"cannot split the transposed tensor at {source.file.name}")
     if axis is None:
         total = math.prod(shape) * itemsize
-        return _as_mlx(_read_rows(source, 0, total, 1, 0, total).view(np_dtype).reshape(shape), view)
+        whole = _as_mlx(_read_rows(source, 0, total, 1, 0, total).view(np_dtype).reshape(shape), view)
+        return whole if source.axes is None else whole.transpose(source.axes)
     axis %= len(shape)
     outer = math.prod(shape[:axis])
     inner = math.prod(shape[axis + 1:]) * itemsize
